@@ -1,0 +1,100 @@
+"""Assembles the Jupyter Book of one profile from the executed notebooks and builds its HTML.
+
+The pages of finished chapters are their executed notebooks (figures inline as PNG, numbers glued);
+a chapter whose run failed becomes a page that says what failed and how to re-run it, never stale numbers.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from .experiments import EXPERIMENTS
+from .io import PROJECT_ROOT, read_json, write_bytes_atomic
+from .runner import failure_path, finished_key, get_profile
+
+BOOK_DIR = PROJECT_ROOT / "book"
+CONFIG_PATH = PROJECT_ROOT / "_config.yml"
+TOC_PATH = PROJECT_ROOT / "_toc.yml"
+
+
+def chapter_pages() -> list[str]:
+    """The page names of the table of contents, in order."""
+    toc = yaml.safe_load(TOC_PATH.read_text())
+    return [toc["root"]] + [entry["file"] for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}])
+                            for entry in part["chapters"]]
+
+
+def assemble(profile: str, results_dir: Path, source: Path) -> list[str]:
+    """Write the book's source pages for ``profile`` into ``source``; returns the missing chapters."""
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    missing = []
+    for page in chapter_pages():
+        if page in EXPERIMENTS:
+            if not _copy_chapter(page, profile, results_dir, source):
+                missing.append(page)
+        else:
+            text = (BOOK_DIR / f"{page}.md").read_text()
+            write_bytes_atomic(source / f"{page}.md", _fill(text, profile, results_dir).encode())
+    return missing
+
+
+def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> bool:
+    run_dir = results_dir / profile / name
+    failure = failure_path(run_dir)
+    if finished_key(run_dir) and not failure.exists():
+        shutil.copyfile(run_dir / f"{name}.ipynb", source / f"{name}.ipynb")
+        return True
+    if failure.exists():
+        info = read_json(failure)
+        reason = f"Its last run failed:\n\n```text\n{info['error']}\n```\n"
+    else:
+        reason = "It has not been run for this profile.\n"
+    rerun = f"fmnist-book run {name} --profile {profile}"
+    page = (f"# {EXPERIMENTS[name].title}\n\n```{{warning}}\nThis chapter is missing from the `{profile}` book.\n```\n\n"
+            f"{reason}\nRe-run it with\n\n```bash\n{rerun}\nfmnist-book build --profile {profile}\n```\n")
+    write_bytes_atomic(source / f"{name}.md", page.encode())
+    return False
+
+
+def _fill(text: str, profile: str, results_dir: Path) -> str:
+    """Replace the ``{{profile}}``-style placeholders of the static pages."""
+    description = get_profile(profile).get("description", "")
+    table = appendix_table(profile, results_dir) if "{{appendix}}" in text else ""
+    return (text.replace("{{profile}}", profile).replace("{{profile_description}}", description)
+            .replace("{{appendix}}", table))
+
+
+def appendix_table(profile: str, results_dir: Path) -> str:
+    """Per experiment: command, parameters hash, seed, device, versions, commit and wall time."""
+    blocks = []
+    for name in EXPERIMENTS:
+        env_path = results_dir / profile / name / "env.json"
+        if not env_path.exists():
+            continue
+        env = read_json(env_path)
+        versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+        params = "\n".join(f"| `{k}` | `{v}` |" for k, v in env["params"].items())
+        blocks.append(
+            f"## {EXPERIMENTS[name].title} (`{name}`)\n\n"
+            f"- command: `{env['command']}`\n- parameters hash (run key): `{env['key'][:16]}`\n"
+            f"- seed: {env['seed']}\n- device: {env['device']}\n- Python {env['python']}; {versions}\n"
+            f"- commit: `{env['git_commit']}`\n- wall time: {env['wall_seconds']} s; finished {env['finished_at']}\n\n"
+            f"| parameter | value |\n|---|---|\n{params}\n")
+    return "\n".join(blocks) or "No experiment of this profile has finished yet."
+
+
+def build(profile: str, results_dir: Path, output_dir: Path) -> Path:
+    """Assemble and build the HTML book; returns the path of its ``index.html``."""
+    source = output_dir / "source"
+    assemble(profile, results_dir, source)
+    command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(source), "--config", str(CONFIG_PATH),
+               "--toc", str(TOC_PATH), "--path-output", str(output_dir)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"jupyter-book failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    return output_dir / "_build" / "html" / "index.html"

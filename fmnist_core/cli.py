@@ -1,0 +1,105 @@
+"""The ``fmnist-book`` command: run experiments, build the book, list experiments, show results."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import parse_cli_value
+from .errors import FmnistBookError
+
+DEFAULT_PROFILE = "quick"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .runner import DEFAULT_RESULTS
+    parser = argparse.ArgumentParser(prog="fmnist-book", description="Reproducible Fashion-MNIST report book.")
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where runs are stored")
+    parser.add_argument("--data-dir", type=Path, default=None, help="directory holding the Fashion-MNIST IDX files")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute one experiment's notebook with papermill")
+    run.add_argument("experiment")
+    run.add_argument("--profile", default=DEFAULT_PROFILE)
+    run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="override a parameter (VALUE is read as YAML: 3, 0.1, true, [a, b])")
+    run.add_argument("--force", action="store_true", help="run even if an identical finished run exists")
+
+    build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book")
+    build.add_argument("--profile", default=DEFAULT_PROFILE)
+    build.add_argument("--force", action="store_true")
+    build.add_argument("--output-dir", type=Path, default=None, help="default: _build/<profile>")
+
+    results = sub.add_parser("results", help="print the key metrics of every finished run")
+    results.add_argument("--profile", default=DEFAULT_PROFILE)
+
+    sub.add_parser("list", help="list experiments, their parameters and the profiles")
+    return parser
+
+
+def cmd_run(args) -> int:
+    from .runner import run_experiment
+    overrides = {}
+    for name, value in args.param:
+        if name in overrides:
+            raise FmnistBookError(f"parameter {name!r} given twice")
+        overrides[name] = parse_cli_value(value)
+    result = run_experiment(args.experiment, args.profile, overrides, args.force, args.results_dir, args.data_dir)
+    if result.status == "failed":
+        print(f"error: {args.experiment} failed: {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_build(args) -> int:
+    from . import book
+    from .io import PROJECT_ROOT
+    from .runner import get_profile, run_profile
+    get_profile(args.profile)
+    results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)
+    output = (args.output_dir or PROJECT_ROOT / "_build" / args.profile).resolve()
+    index = book.build(args.profile, Path(args.results_dir).resolve(), output)
+    failed = [r.experiment for r in results if r.status == "failed"]
+    print(f"book ({args.profile}): {index}")
+    if failed:
+        print(f"error: failed experiments: {', '.join(failed)} (their chapters say why)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_results(args) -> int:
+    from .runner import results_table
+    print(results_table(args.profile, Path(args.results_dir)))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .experiments import EXPERIMENTS
+    from .runner import load_profiles
+    for name, exp in EXPERIMENTS.items():
+        print(f"{name}: {exp.title} (notebooks/{name}.ipynb)")
+        for param, kind, default, help_text in exp.config.describe():
+            print(f"    {param:<18} {kind:<10} {default!r:<24} {help_text}")
+    print("profiles:")
+    for name, profile in load_profiles().items():
+        print(f"    {name:<10} {profile.get('description', '')}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "list": cmd_list}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FmnistBookError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

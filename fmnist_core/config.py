@@ -1,0 +1,112 @@
+"""Configuration: dataclass defaults, overridden by a profile, then by the user, validated before any work.
+
+Every experiment's parameters are one dataclass. ``from_overrides`` refuses unknown names (suggesting the
+closest), wrong types and out-of-range values with a message that names the parameter, so a mistake is
+caught before any training starts; the resolved values are stored in every checkpoint and results file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from .errors import ConfigError
+
+
+def parse_cli_value(text: str):
+    """Parse a command-line parameter value as YAML (``3`` → int, ``[a, b]`` → list, ``true`` → bool)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _matches(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def unknown_name_message(kind: str, name: str, choices) -> str:
+    """``unknown parameter 'lr_rate'; did you mean 'lr'?`` — with the list of valid names."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} (valid: {', '.join(choices)})"
+
+
+@dataclass
+class Config:
+    """Base class for parameter sets: typed fields with defaults, plus a ``check`` for value ranges."""
+
+    @classmethod
+    def from_overrides(cls, *layers: dict, where: str = "parameters"):
+        """Build the config from defaults updated by each mapping in ``layers`` (later wins), validated."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for layer in layers:
+            for name, value in (layer or {}).items():
+                if name not in names:
+                    raise ConfigError(f"{where}: " + unknown_name_message("parameter", name, names))
+                if not _matches(value, hints[name]):
+                    float_ok = hints[name] is float and isinstance(value, int) and not isinstance(value, bool)
+                    if not float_ok:
+                        raise ConfigError(f"{where}: parameter {name!r} must be {_type_name(hints[name])}, "
+                                          f"got {value!r} ({type(value).__name__})")
+                values[name] = float(value) if hints[name] is float else value
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` naming the first parameter whose value is impossible."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, object, str]]:
+        """(name, type, default, help) for every parameter, for ``fmnist-book list``."""
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+        return rows
+
+
+def param(default, help: str = ""):
+    """A dataclass field with a help text; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def require(condition: bool, name: str, message: str) -> None:
+    """Raise ``ConfigError`` for parameter ``name`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"parameter {name!r} {message}")
+
+
+def require_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"parameter {name!r}: " + unknown_name_message("value", value, choices))

@@ -1,0 +1,48 @@
+"""Two-dimensional embeddings of feature matrices: PCA (scikit-learn) and t-SNE (openTSNE), both seeded."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def embed_pca(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Project ``features`` (N×D) on their first two principal components.
+
+    Returns
+    -------
+    embedding : ndarray, shape (N, 2)
+    explained_variance_ratio : ndarray, shape (2,)
+    """
+    from sklearn.decomposition import PCA
+    features = _as_matrix(features)
+    pca = PCA(n_components=2, random_state=seed, svd_solver="full").fit(features)
+    return pca.transform(features).astype(np.float32), pca.explained_variance_ratio_
+
+
+def embed_tsne(features: np.ndarray, perplexity: float = 30.0, seed: int = 0, n_jobs: int = 1,
+               n_iter: int = 500) -> np.ndarray:
+    """t-SNE of ``features`` (N×D) with openTSNE: PCA initialisation, FFT-accelerated gradients.
+
+    Parameters
+    ----------
+    perplexity : float
+        Effective number of neighbours; lowered automatically to ``(N - 1) / 3`` for tiny inputs.
+    seed : int
+        Seeds the affinity search and the optimisation: the same seed gives the same picture.
+    n_jobs : int
+        Threads for the neighbour search and gradients.
+    n_iter : int
+        Iterations after the early-exaggeration phase (which is 250 iterations).
+    """
+    from openTSNE import TSNE
+    features = _as_matrix(features)
+    perplexity = min(perplexity, max(1.0, (len(features) - 1) / 3))
+    tsne = TSNE(perplexity=perplexity, initialization="pca", random_state=seed, n_jobs=n_jobs,
+                n_iter=n_iter, neighbors="exact" if len(features) < 1000 else "auto", verbose=False)
+    return np.asarray(tsne.fit(features), dtype=np.float32)
+
+
+def _as_matrix(features) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or infinite values")
+    return features

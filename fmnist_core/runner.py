@@ -1,0 +1,291 @@
+"""Runs experiments through papermill into ``results/<profile>/<experiment>/``, cached and crash-safe.
+
+A run executes in ``<experiment>.partial/`` (where a killed run's checkpoints wait to be resumed); only a
+finished run is renamed to ``<experiment>/``, so a results folder that exists is a finished run.
+A run whose key (parameters, notebook, the source of the modules it uses, the keys of the runs it reads)
+matches the finished one is not executed again.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import unknown_name_message
+from .errors import ConfigError, FmnistBookError, RunError
+from .experiments import EXPERIMENTS, get_experiment
+from .io import PROJECT_ROOT, read_json, write_json
+
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+PROFILES_PATH = PROJECT_ROOT / "profiles.yml"
+DEFAULT_RESULTS = PROJECT_ROOT / "results"
+
+
+# ------------------------------------------------------------------------------------------- profiles
+def load_profiles(path: Path = PROFILES_PATH) -> dict:
+    """Read and validate the profile file: every experiment and parameter named in it must exist."""
+    try:
+        profiles = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the profile file ({err})") from None
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: must map profile names to their settings")
+    for name, profile in profiles.items():
+        experiments = (profile or {}).get("experiments")
+        if not isinstance(experiments, dict):
+            raise ConfigError(f"{path}: profile {name!r} needs an 'experiments' mapping")
+        for exp, params in experiments.items():
+            get_experiment(exp).config.from_overrides(params or {}, where=f"{path.name}: {name}.{exp}")
+    return profiles
+
+
+def get_profile(name: str, profiles: dict | None = None) -> dict:
+    """The profile called ``name``; other names (paths included) are refused with the valid ones."""
+    profiles = profiles if profiles is not None else load_profiles()
+    if name not in profiles:
+        raise ConfigError(unknown_name_message("profile", name, profiles))
+    return profiles[name]
+
+
+def resolve_params(experiment: str, profile: str, overrides: dict | None = None) -> dict:
+    """Defaults, updated by the profile, updated by the user's overrides — validated, as plain values."""
+    exp = get_experiment(experiment)
+    profile_params = get_profile(profile)["experiments"].get(experiment) or {}
+    return exp.config.from_overrides(profile_params, overrides or {}, where=experiment).to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- keys
+def _sha256(*chunks: bytes) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_key(experiment: str, profile: str, params: dict, results_dir: Path) -> str:
+    """Hash of what determines a run's results: parameters, notebook, used sources, upstream keys."""
+    exp = get_experiment(experiment)
+    package = Path(__file__).parent
+    sources = [(package / f"{m}.py").read_bytes() for m in sorted(exp.modules)]
+    upstream = [finished_key(results_dir / profile / dep) or "missing" for dep in exp.requires]
+    spec = json.dumps({"experiment": experiment, "profile": profile, "params": params, "upstream": upstream},
+                      sort_keys=True).encode()
+    return _sha256(spec, notebook_path(experiment).read_bytes(), *sources)
+
+
+def finished_key(run_dir: Path) -> str | None:
+    """The key of the finished run in ``run_dir``, or ``None`` if there is none."""
+    env = Path(run_dir) / "env.json"
+    try:
+        return read_json(env).get("key") if env.exists() else None
+    except FmnistBookError:
+        return None
+
+
+def notebook_path(experiment: str) -> Path:
+    return NOTEBOOK_DIR / f"{get_experiment(experiment).name}.ipynb"
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass
+class RunResult:
+    experiment: str
+    status: str          # "done", "cached" or "failed"
+    run_dir: Path
+    seconds: float = 0.0
+    error: str = ""
+
+
+@contextmanager
+def run_lock(results_dir: Path, profile: str, experiment: str):
+    """Refuse a second concurrent run of the same experiment and profile (other pairs run freely)."""
+    lock_path = results_dir / profile / f".{experiment}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"another run of '{experiment}' with profile '{profile}' is in progress "
+                           f"(lock {lock_path}); wait for it to finish") from None
+        yield
+
+
+def run_experiment(experiment: str, profile: str = "quick", overrides: dict | None = None, force: bool = False,
+                   results_dir: Path = DEFAULT_RESULTS, data_dir=None, log=print) -> RunResult:
+    """Execute ``notebooks/<experiment>.ipynb`` for ``profile`` unless an identical run has finished.
+
+    Parameters are validated before anything is written; a failure leaves the previous finished run (if
+    any) in place and records the error in ``<experiment>.failed.json`` for the book to show.
+    """
+    results_dir = Path(results_dir).resolve()
+    params = resolve_params(experiment, profile, overrides)
+    final = results_dir / profile / experiment
+    with run_lock(results_dir, profile, experiment):
+        key = run_key(experiment, profile, params, results_dir)
+        if not force and finished_key(final) == key and not failure_path(final).exists():
+            log(f"{experiment} [{profile}]: up to date ({final})")
+            return RunResult(experiment, "cached", final)
+        missing = [d for d in get_experiment(experiment).requires if finished_key(results_dir / profile / d) is None]
+        if missing:
+            return _record_failure(final, experiment, profile, f"needs the finished run(s) {', '.join(missing)} first")
+        return _execute(experiment, profile, params, key, final, overrides, data_dir, force, log)
+
+
+def _execute(experiment, profile, params, key, final, overrides, data_dir, force, log) -> RunResult:
+    partial = final.with_name(final.name + ".partial")
+    if force or finished_key(partial) not in (None, key) or _partial_key(partial) not in (None, key):
+        shutil.rmtree(partial, ignore_errors=True)  # checkpoints of other parameters must not be resumed
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(partial / "run.json", {"key": key, "params": params})
+    log(f"{experiment} [{profile}]: running in {partial}")
+    started = time.perf_counter()
+    try:
+        _papermill(experiment, profile, params, partial, final.parent, data_dir)
+        if not (partial / "metrics.json").exists():
+            raise RunError(f"notebook {notebook_path(experiment).name} finished without writing metrics.json")
+    except Exception as err:  # a failed chapter is reported, the others still run
+        return _record_failure(final, experiment, profile, _describe(err), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    write_json(partial / "env.json", environment_record(experiment, profile, params, key, seconds, overrides))
+    _swap_into_place(partial, final)
+    log(f"{experiment} [{profile}]: done in {seconds:.0f} s -> {final}")
+    return RunResult(experiment, "done", final, seconds)
+
+
+def _partial_key(partial: Path) -> str | None:
+    try:
+        return read_json(partial / "run.json").get("key") if (partial / "run.json").exists() else None
+    except FmnistBookError:
+        return None
+
+
+def _papermill(experiment, profile, params, run_dir: Path, results_dir: Path, data_dir) -> None:
+    import papermill
+    if data_dir:
+        os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
+    papermill.execute_notebook(
+        str(notebook_path(experiment)), str(run_dir / f"{experiment}.ipynb"),
+        parameters={"profile": profile, "params": params, "run_dir": str(run_dir), "results_dir": str(results_dir)},
+        kernel_name="python3", progress_bar=False, cwd=str(run_dir), log_output=False)
+
+
+def _describe(err: Exception) -> str:
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    if ename:  # papermill's error carries the notebook's own exception
+        return f"{ename}: {evalue}"
+    return f"{type(err).__name__}: {err}"
+
+
+def failure_path(final: Path) -> Path:
+    return final.with_name(final.name + ".failed.json")
+
+
+def _record_failure(final: Path, experiment: str, profile: str, error: str, seconds: float = 0.0) -> RunResult:
+    write_json(failure_path(final), {"experiment": experiment, "profile": profile, "error": error,
+                                     "partial_notebook": str(final.with_name(final.name + ".partial") / f"{experiment}.ipynb"),
+                                     "rerun": f"fmnist-book run {experiment} --profile {profile}"})
+    return RunResult(experiment, "failed", final, seconds, error)
+
+
+def _swap_into_place(partial: Path, final: Path) -> None:
+    """Replace the old finished run by the new one; the old one is deleted only after the rename."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    failure_path(final).unlink(missing_ok=True)
+
+
+def environment_record(experiment, profile, params, key, seconds, overrides) -> dict:
+    """Versions, commit, device and timing of a run: what the reproducibility appendix shows."""
+    import torch
+    versions = {}
+    for package in ("torch", "torchvision", "numpy", "scikit-learn", "openTSNE", "papermill", "jupyter-book"):
+        try:
+            from importlib.metadata import version
+            versions[package] = version(package)
+        except Exception:
+            versions[package] = None
+    cli = " ".join(f"-p {k} {json.dumps(v)!r}" for k, v in (overrides or {}).items())
+    return {"experiment": experiment, "profile": profile, "key": key, "params": params, "seed": params.get("seed"),
+            "python": platform.python_version(), "versions": versions, "git_commit": git_commit(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, "
+            f"{os.cpu_count()} cores)", "wall_seconds": round(seconds, 1),
+            "command": f"fmnist-book run {experiment} --profile {profile} {cli}".strip(),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def git_commit() -> str | None:
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (commit + ("-dirty" if dirty else "")) or None
+
+
+def profile_experiments(profile: str) -> list[str]:
+    """The experiments of a profile, in book order."""
+    return [name for name in EXPERIMENTS if name in get_profile(profile)["experiments"]]
+
+
+def run_profile(profile: str, force: bool = False, results_dir: Path = DEFAULT_RESULTS, data_dir=None,
+                log=print) -> list[RunResult]:
+    """Run every experiment of ``profile``; a failure is recorded and the others still run."""
+    results = []
+    for experiment in profile_experiments(profile):
+        try:
+            results.append(run_experiment(experiment, profile, force=force, results_dir=results_dir,
+                                          data_dir=data_dir, log=log))
+        except RunError as err:
+            results.append(RunResult(experiment, "failed", Path(results_dir) / profile / experiment, error=str(err)))
+        if results[-1].status == "failed":
+            log(f"{experiment} [{profile}]: FAILED: {results[-1].error}")
+    return results
+
+
+def results_table(profile: str, results_dir: Path = DEFAULT_RESULTS) -> str:
+    """A text table of the ``summary`` rows of every finished run of ``profile`` (read from results files)."""
+    rows, notes = [], []
+    for experiment in profile_experiments(profile):
+        run_dir = Path(results_dir) / profile / experiment
+        if failure_path(run_dir).exists():
+            notes.append(f"{experiment}: FAILED ({read_json(failure_path(run_dir))['error']})")
+        elif finished_key(run_dir) is None:
+            notes.append(f"{experiment}: not run")
+        else:
+            rows += [{"experiment": experiment, **row} for row in read_json(run_dir / "metrics.json")["summary"]]
+    return "\n".join(filter(None, [format_table(rows)] + notes)) or f"no runs for profile '{profile}'"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Align ``rows`` (dicts) in columns; floats below 1 as percentages of 4 digits."""
+    if not rows:
+        return ""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+        return "" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
