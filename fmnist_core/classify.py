@@ -130,15 +130,16 @@ def train_model(name: str, tcfg: TrainConfig, splits: Splits, ds: ImageDataset, 
 
 
 def evaluate_model(out_dir: Path, splits: Splits, ds: ImageDataset, tta: int = 0, latency_repeats: int = 20,
-                   throughput_batch: int = 512) -> dict:
+                   throughput_batch: int = 512, batch_size: int = 256) -> dict:
     """Test-set report of the best-on-validation checkpoint; saves the test probabilities beside it."""
     device = splits.test.images.device
     model, state = load_trained(Path(out_dir) / "best.pt", rebuild, device)
-    probs = metrics.predict_proba(model, splits.test.inputs(), tta=tta, augment=tta_augment(ds) if tta else None)
+    probs = metrics.predict_proba(model, splits.test.inputs(), batch_size=batch_size, tta=tta,
+                                  augment=tta_augment(ds) if tta else None)
     labels = splits.test.labels.cpu().numpy()
     summary = metrics.classification_summary(labels, probs.numpy(), ds.class_names)
     summary.update(parameters=count_parameters(model), best_epoch=int(state["epoch"]),
-                   val_accuracy=float(state["val_accuracy"]),
+                   val_accuracy=float(state["record"]["val_accuracy"]),
                    latency_ms=metrics.measure_latency(model, ds.image_shape, device, repeats=latency_repeats),
                    throughput=metrics.measure_throughput(model, ds.image_shape, device, batch_size=throughput_batch,
                                                          repeats=3))
@@ -183,7 +184,8 @@ def run_study(cfg: ClassificationConfig, run_dir, data_dir=None, log=print):
     for label, name, tcfg in planned_runs(cfg):
         out = run_dir / "models" / label
         history = train_model(name, tcfg, splits, ds, out, log=log, label=label)
-        summary = evaluate_model(out, splits, ds, cfg.tta, cfg.latency_repeats, cfg.throughput_batch)
+        summary = evaluate_model(out, splits, ds, cfg.tta, cfg.latency_repeats, cfg.throughput_batch,
+                                 tcfg.eval_batch_size)
         summary["train_images"] = len(subset(splits.train, tcfg.train_images, tcfg.seed, ds.num_classes).labels)
         summary["epochs"] = tcfg.epochs
         summary["timing"] = {"train_seconds": sum(r["seconds"] for r in history),

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     results.add_argument("--profile", default=DEFAULT_PROFILE)
 
     sub.add_parser("list", help="list experiments, their parameters and the profiles")
+    sub.add_parser("data", help="find (or download) Fashion-MNIST, verify it, and say where it is")
     return parser
 
 
@@ -86,7 +87,16 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "list": cmd_list}
+def cmd_data(args) -> int:
+    from .data import locate_fashion_mnist, read_verified_idx, FASHION_MNIST_SHA256
+    paths = locate_fashion_mnist(args.data_dir)
+    for stem, path in paths.items():
+        shape = read_verified_idx(path, stem, FASHION_MNIST_SHA256[stem]).shape
+        print(f"{stem}: {path} (verified, shape {shape})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "list": cmd_list, "data": cmd_data}
 
 
 def main(argv=None) -> int:

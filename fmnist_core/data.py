@@ -208,10 +208,13 @@ def load_cifar10(root=None, device="cpu", download: bool = False) -> ImageDatase
 
 
 def load_dataset(name: str, data_dir=None, device="cpu") -> ImageDataset:
-    """Load a dataset by name: ``fashion_mnist`` or ``cifar10``."""
+    """Load a dataset by name: ``fashion_mnist``, ``cifar10`` or ``lfw`` (faces, 32×32 RGB)."""
+    if name == "lfw":
+        from .lfw import load_lfw  # scikit-learn's fetcher, needed for LFW only
+        return load_lfw(data_dir, device=device)
     loaders = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
     if name not in loaders:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(loaders)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(loaders)}, lfw")
     return loaders[name](data_dir, device=device)
 
 

@@ -7,6 +7,7 @@ from .classify import ClassificationConfig
 from .config import Config, unknown_name_message
 from .errors import ConfigError
 from .explore import DatasetConfig
+from .vae import VAEConfig
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dataset", "The Fashion-MNIST dataset", DatasetConfig, _COMMON + ("explore", "embed")),
     Experiment("classification", "Supervised classification", ClassificationConfig,
                _COMMON + ("classify", "models", "train", "metrics")),
+    Experiment("vae", "A convolutional VAE", VAEConfig,
+               _COMMON + ("vae", "lfw", "classify", "models", "train", "metrics", "embed", "explore")),
 )}
 
 

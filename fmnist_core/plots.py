@@ -43,7 +43,8 @@ def image_grid(images, titles=None, ncols: int = 10, size: float = 1.0, row_labe
     """A grid of images (N×C×H×W or N×H×W arrays), optional titles per image and labels per row."""
     n = len(images)
     nrows = int(np.ceil(n / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size * 1.1), squeeze=False)
+    height = nrows * size * (1.3 if titles is not None else 1.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size + (1.0 if row_labels else 0), height), squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i < n:
             _image(ax, images[i], titles[i] if titles is not None else None)
@@ -87,9 +88,10 @@ def embedding_grid(panels, labels, class_names, ncols: int = 3, size: float = 2.
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], marker="o", ls="", color=PALETTE[c % 10]) for c in range(len(class_names))]
+    legend_rows = int(np.ceil(len(class_names) / 5))
+    fig.tight_layout(rect=(0, 0.35 * legend_rows / (nrows * size), 1, 1))
     fig.legend(handles, class_names, loc="lower center", ncol=min(5, len(class_names)), fontsize=8,
-               bbox_to_anchor=(0.5, -0.02 - 0.04 * (len(class_names) > 5)))
-    fig.tight_layout()
+               bbox_to_anchor=(0.5, 0), frameon=False)
     return fig
 
 

@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -170,13 +171,14 @@ def _partial_key(partial: Path) -> str | None:
 
 
 def _papermill(experiment, profile, params, run_dir: Path, results_dir: Path, data_dir) -> None:
+    """Execute the notebook; a cell progress bar in a terminal only (bars inside notebooks come out garbled)."""
     import papermill
     if data_dir:
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
     papermill.execute_notebook(
         str(notebook_path(experiment)), str(run_dir / f"{experiment}.ipynb"),
         parameters={"profile": profile, "params": params, "run_dir": str(run_dir), "results_dir": str(results_dir)},
-        kernel_name="python3", progress_bar=False, cwd=str(run_dir), log_output=False)
+        kernel_name="python3", progress_bar=sys.stderr.isatty(), cwd=str(run_dir), log_output=False)
 
 
 def _describe(err: Exception) -> str:
@@ -274,17 +276,17 @@ def results_table(profile: str, results_dir: Path = DEFAULT_RESULTS) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Align ``rows`` (dicts) in columns; floats below 1 as percentages of 4 digits."""
+    """Align ``rows`` (dicts) in columns: fractions with 4 decimals, seconds (``*_s``) and large values with 1."""
     if not rows:
         return ""
     columns = list(dict.fromkeys(k for row in rows for k in row))
 
-    def cell(value):
+    def cell(value, column):
         if isinstance(value, float):
-            return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+            return f"{value:,.1f}" if column.endswith("_s") or abs(value) >= 10 else f"{value:.4f}"
         return "" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
-    table = [columns] + [[cell(row.get(c)) for c in columns] for row in rows]
+    table = [columns] + [[cell(row.get(c), c) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

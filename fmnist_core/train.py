@@ -42,7 +42,7 @@ class TrainConfig(Config):
     dtype: str = param("float32", "float32 | bfloat16 (autocast; CUDA only)")
     compile: bool = param(False, "torch.compile the model (CUDA only)")
     channels_last: bool = param(True, "channels-last memory format on CUDA")
-    eval_batch_size: int = param(1000, "images per evaluation batch")
+    eval_batch_size: int = param(256, "images per evaluation batch")
 
     def check(self) -> None:
         require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
@@ -154,7 +154,7 @@ def _tensorboard_writer(path: Path):
 
 
 class Checkpointer:
-    """``last.pt`` (everything needed to resume) and ``best.pt`` (weights of the best validation epoch)."""
+    """``last.pt`` (everything needed to resume) and ``best.pt`` (weights and history record of the best epoch)."""
 
     def __init__(self, out_dir: Path, config: dict):
         self.out_dir, self.config = Path(out_dir), config
@@ -177,9 +177,9 @@ class Checkpointer:
     def save_last(self, **state) -> None:
         save_checkpoint(self.last_path, {"config": self.config, **state})
 
-    def save_best(self, model_state: dict, epoch: int, metric: float) -> None:
-        save_checkpoint(self.best_path, {"config": self.config, "model": model_state,
-                                         "epoch": epoch, "val_accuracy": metric})
+    def save_best(self, model_state: dict, epoch: int, record: dict) -> None:
+        save_checkpoint(self.best_path, {"config": self.config, "model": model_state, "epoch": epoch,
+                                         "record": record})
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -255,20 +255,38 @@ def evaluate(model, split: Split, batch_size: int = 1000, dtype: str = "float32"
     return {"loss": total_loss / n, "accuracy": correct / n}
 
 
-def fit(model, train: Split, val: Split, cfg: TrainConfig, out_dir, log=print, name: str = "model",
-        meta: dict | None = None) -> list[dict]:
-    """Train ``model`` on ``train``, validate each epoch on ``val``, checkpoint, and resume when possible.
+@dataclass
+class Selection:
+    """Which history entry chooses ``best.pt``: e.g. the highest ``val_accuracy`` or the lowest ``val_loss``."""
+
+    key: str = "val_accuracy"
+    higher_is_better: bool = True
+
+    def improves(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.higher_is_better else value < best)
+
+
+def fit_epochs(model, cfg: TrainConfig, out_dir, steps_per_epoch: int, epoch_fn, validate_fn, *, device,
+               selection: Selection = Selection(), log=print, name: str = "model", meta: dict | None = None):
+    """The epoch loop every chapter trains with: seeding, optimiser and schedule, history, checkpoints, resume.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Already on ``train.images.device``.
-    train, val : Split
-        Device-resident data; ``val`` chooses ``best.pt`` (the test set is never used here).
+        The network; moved to ``device`` (channels-last / compiled there as ``cfg`` says).
     cfg : TrainConfig
         Hyper-parameters; stored in every checkpoint, and a checkpoint with another config is not resumed.
     out_dir : path
         Receives ``last.pt``, ``best.pt``, ``history.json`` and ``history.csv``.
+    steps_per_epoch : int
+        Optimiser steps per epoch (sets the length of the learning-rate schedule).
+    epoch_fn : callable
+        ``epoch_fn(model, optimizer, scheduler, generator, where) -> dict`` trains one epoch and returns its
+        statistics (stored with a ``train_`` prefix).
+    validate_fn : callable
+        ``validate_fn(model) -> dict`` of validation statistics (stored with a ``val_`` prefix).
+    selection : Selection
+        The history entry that chooses ``best.pt``; only validation data should decide it.
     log : callable
         Receives one line per epoch.
     name : str
@@ -279,43 +297,56 @@ def fit(model, train: Split, val: Split, cfg: TrainConfig, out_dir, log=print, n
     Returns
     -------
     list of dict
-        The per-epoch history (epoch, lr, train/val loss and accuracy, seconds).
+        One record per epoch: epoch, lr, train_*, val_*, seconds.
     """
-    out_dir = Path(out_dir)
-    device = train.images.device
     torch.manual_seed(cfg.seed)
     generator = make_generator(cfg.seed, device)
     raw_model, runnable = prepare_model(model, cfg, device)
     optimizer = make_optimizer(raw_model, cfg)
-    steps_per_epoch = math.ceil(len(train.labels) / cfg.batch_size)
     scheduler = make_schedule(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
-    checkpointer = Checkpointer(out_dir, {**cfg.to_dict(), **(meta or {})})
+    checkpointer = Checkpointer(Path(out_dir), {**cfg.to_dict(), **(meta or {})})
     history, start, best = _resume(checkpointer, raw_model, optimizer, scheduler, generator, log)
     for epoch in range(start, cfg.epochs + 1):
         started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_epoch(runnable, train, cfg, optimizer, scheduler, generator, f"{name}, epoch {epoch}")
-        val_stats = evaluate(runnable, val, cfg.eval_batch_size, cfg.dtype)
-        record = {"epoch": epoch, "lr": lr, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
-                  "val_loss": val_stats["loss"], "val_accuracy": val_stats["accuracy"],
-                  "seconds": time.perf_counter() - started}
+        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        train_stats = epoch_fn(runnable, optimizer, scheduler, generator, f"{name}, epoch {epoch}")
+        record.update({f"train_{k}": v for k, v in train_stats.items()})
+        record.update({f"val_{k}": v for k, v in validate_fn(runnable).items()})
+        record["seconds"] = time.perf_counter() - started
         history.append(record)
-        if val_stats["accuracy"] > best:
-            best = val_stats["accuracy"]
-            checkpointer.save_best(raw_model.state_dict(), epoch, best)
+        if selection.improves(record[selection.key], best):
+            best = record[selection.key]
+            checkpointer.save_best(raw_model.state_dict(), epoch, record)
         checkpointer.save_last(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                scheduler=scheduler.state_dict(), epoch=epoch, best=best,
                                history=history.records, rng=rng_state(generator))
-        log(f"{name} epoch {epoch}/{cfg.epochs}: train loss {record['train_loss']:.4f} "
-            f"acc {record['train_accuracy']:.4f} | val loss {record['val_loss']:.4f} "
-            f"acc {record['val_accuracy']:.4f} | {record['seconds']:.1f}s")
+        log(f"{name} epoch {epoch}/{cfg.epochs}: " + " | ".join(
+            f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_"))) +
+            f" | {record['seconds']:.1f}s")
     return history.records
+
+
+def fit(model, train: Split, val: Split, cfg: TrainConfig, out_dir, log=print, name: str = "model",
+        meta: dict | None = None) -> list[dict]:
+    """Train a classifier on ``train`` with cross-entropy; ``best.pt`` is the best ``val`` accuracy.
+
+    ``val`` chooses the checkpoint (the test set is never used here); see :func:`fit_epochs` for the
+    other parameters and the returned history (train/val loss and accuracy per epoch).
+    """
+    def epoch_fn(runnable, optimizer, scheduler, generator, where):
+        return train_epoch(runnable, train, cfg, optimizer, scheduler, generator, where)
+
+    def validate_fn(runnable):
+        return evaluate(runnable, val, cfg.eval_batch_size, cfg.dtype)
+
+    return fit_epochs(model, cfg, out_dir, math.ceil(len(train.labels) / cfg.batch_size), epoch_fn, validate_fn,
+                      device=train.images.device, log=log, name=name, meta=meta)
 
 
 def _resume(checkpointer: Checkpointer, model, optimizer, scheduler, generator, log):
     state = checkpointer.resume_state()
     if state is None:
-        return History(checkpointer.out_dir), 1, -1.0
+        return History(checkpointer.out_dir), 1, None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,78 @@
+"""End to end: the whole smoke book is built offline from real runs, every chapter with figures and tables."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist_core.book import chapter_pages
+from fmnist_core.experiments import EXPERIMENTS
+
+CLI = [sys.executable, "-m", "fmnist_core.cli"]
+# Figures each chapter must show (file names under figures/ of its run).
+EXPECTED_FIGURES = {
+    "dataset": ["examples", "class_counts", "mean_images", "raw_pixel_embeddings"],
+    "classification": ["curves", "confusion", "roc", "error_destinations", "confident_mistakes", "sgd_vs_adam"],
+    "vae": ["loss_curves", "reconstructions", "interpolation_7_9", "samples", "latent_space", "latent_size_study"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory):
+    base = tmp_path_factory.mktemp("smoke")
+    results, output = base / "results", base / "build"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    build = subprocess.run(CLI + ["--results-dir", str(results), "build", "--profile", "smoke",
+                                  "--output-dir", str(output)], capture_output=True, text=True, env=env)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return results / "smoke", output / "_build" / "html", build.stdout
+
+
+def page_text(html_dir: Path, page: str) -> str:
+    return (html_dir / f"{page}.html").read_text()
+
+
+@pytest.mark.slow
+def test_every_chapter_page_exists_with_its_figures(smoke_book):
+    results, html, stdout = smoke_book
+    assert "index.html" in stdout
+    for page in chapter_pages():
+        text = page_text(html, page)
+        assert "<Figure size" not in text, page
+        assert "missing from" not in text, page
+    for experiment, figures in EXPECTED_FIGURES.items():
+        text = page_text(html, experiment)
+        images = re.findall(r"<img[^>]+src=\"([^\"]+\.png)\"", text)
+        assert len(images) >= len(figures), (experiment, images)
+        for figure in figures:
+            assert (results / experiment / "figures" / f"{figure}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_classification_page_has_its_table_and_glued_numbers(smoke_book):
+    _, html, _ = smoke_book
+    text = page_text(html, "classification")
+    assert "<table" in text and "lenet_avg" in text and "macro F1" in text
+    assert re.search(r"LeNet-5 with average pooling reaches\s*(<[^>]+>\s*)*\d+\.\d\d%", text)
+
+
+@pytest.mark.slow
+def test_results_and_appendix_come_from_the_runs(smoke_book):
+    results, html, _ = smoke_book
+    table = subprocess.run(CLI + ["--results-dir", str(results.parent), "results", "--profile", "smoke"],
+                           capture_output=True, text=True, check=True).stdout
+    for model in ("mlp", "lenet_avg", "resnet34", "mycnn-sgd"):
+        assert model in table
+    appendix = page_text(html, "reproducibility")
+    for name in EXPERIMENTS:
+        assert f"fmnist-book run {name} --profile smoke" in appendix
+
+
+@pytest.mark.slow
+def test_a_second_build_uses_the_cache(smoke_book):
+    results, _, _ = smoke_book
+    rerun = subprocess.run(CLI + ["--results-dir", str(results.parent), "run", "dataset", "--profile", "smoke"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "up to date" in rerun

@@ -1,0 +1,94 @@
+"""The runner and CLI: refusals before any work, cache keys, the results table, failures recorded."""
+import json
+
+import pytest
+
+from fmnist_core import cli, runner
+from fmnist_core.errors import ConfigError, RunError
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "clasification"], "did you mean 'classification'"),
+    (["run", "../etc"], "unknown experiment '../etc'"),
+    (["run", "/tmp/x"], "unknown experiment '/tmp/x'"),
+    (["run", "dataset", "--profile", "../../tmp"], "unknown profile"),
+    (["run", "classification", "-p", "epochs", "zero"], "'epochs' must be int"),
+    (["run", "classification", "-p", "epochs", "-1"], "'epochs' must be at least 1"),
+    (["run", "classification", "-p", "learning_rate", "0.1"], "unknown parameter 'learning_rate'"),
+    (["run", "classification", "-p", "epochs", "1", "-p", "epochs", "2"], "given twice"),
+    (["results", "--profile", "nope"], "unknown profile 'nope'"),
+])
+def test_bad_input_is_refused_with_one_message_and_nothing_written(tmp_path, capsys, argv, message):
+    results = tmp_path / "results"
+    code, _, err = run_cli(capsys, "--results-dir", str(results), *argv)
+    assert code == 2
+    assert message in err and err.startswith("error: ") and "Traceback" not in err
+    assert not results.exists()
+
+
+def test_run_key_follows_parameters_and_source(tmp_path):
+    params = runner.resolve_params("dataset", "smoke")
+    key = runner.run_key("dataset", "smoke", params, tmp_path)
+    assert key == runner.run_key("dataset", "smoke", dict(params), tmp_path)
+    assert key != runner.run_key("dataset", "smoke", {**params, "seed": 1}, tmp_path)
+    assert key != runner.run_key("dataset", "quick", params, tmp_path)
+
+
+def test_run_key_covers_only_the_modules_an_experiment_uses():
+    dataset_modules = set(runner.get_experiment("dataset").modules)
+    assert "models" not in dataset_modules and "explore" in dataset_modules
+    assert "models" in runner.get_experiment("classification").modules
+
+
+def test_overrides_beat_the_profile():
+    assert runner.resolve_params("classification", "smoke", {"epochs": 2})["epochs"] == 2
+    assert runner.resolve_params("classification", "smoke")["epochs"] == 1
+
+
+def test_concurrent_runs_of_one_experiment_are_refused(tmp_path):
+    with runner.run_lock(tmp_path, "smoke", "dataset"):
+        with pytest.raises(RunError, match="in progress"):
+            with runner.run_lock(tmp_path, "smoke", "dataset"):
+                pass
+        with runner.run_lock(tmp_path, "smoke", "classification"):  # another experiment is fine
+            pass
+
+
+def test_failure_is_recorded_and_old_results_are_kept(tmp_path, monkeypatch):
+    finished = tmp_path / "smoke" / "dataset"
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text('{"summary": []}')
+    (finished / "env.json").write_text(json.dumps({"key": "old"}))
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("kernel died")
+    monkeypatch.setattr(runner, "_papermill", explode)
+    result = runner.run_experiment("dataset", "smoke", results_dir=tmp_path, log=lambda *_: None)
+    assert result.status == "failed" and "kernel died" in result.error
+    failure = json.loads(runner.failure_path(finished).read_text())
+    assert failure["rerun"] == "fmnist-book run dataset --profile smoke"
+    assert json.loads((finished / "env.json").read_text())["key"] == "old"  # untouched
+    assert "FAILED" in runner.results_table("smoke", tmp_path)
+
+
+def test_results_table_reads_summary_rows(tmp_path):
+    run_dir = tmp_path / "smoke" / "classification"
+    run_dir.mkdir(parents=True)
+    (run_dir / "env.json").write_text(json.dumps({"key": "k"}))
+    (run_dir / "metrics.json").write_text(json.dumps({"summary": [
+        {"run": "lenet_avg", "accuracy": 0.8912, "parameters": 61706, "train_s": 35.04}]}))
+    table = runner.results_table("smoke", tmp_path)
+    assert "lenet_avg" in table and "0.8912" in table and "61,706" in table and "35.0" in table
+    assert "dataset: not run" in table
+
+
+def test_profile_names_cannot_escape():
+    for name in ("../quick", "/etc", "quick/../smoke"):
+        with pytest.raises(ConfigError):
+            runner.get_profile(name)
