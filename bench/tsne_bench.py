@@ -12,8 +12,9 @@ points, the same thread count, perplexity 30, a PCA initialisation and 750 itera
 its first 250 are the exaggerated ones, with its early stopping disabled so that it too runs them all.
 Each library keeps its own "auto" learning rate: scikit-learn ``max(N / 48, 50)`` throughout, openTSNE
 ``N / 12`` during exaggeration and ``N`` after it; openTSNE defines the rate 4 times smaller than
-scikit-learn, so the exaggeration phases match and openTSNE then takes 12 times larger steps. The methods differ too: openTSNE uses approximate neighbours (Annoy, from
-1,000 points on) and FFT-interpolated gradients, scikit-learn exact neighbours and Barnes-Hut gradients.
+scikit-learn, so the exaggeration phases match and openTSNE then takes 12 times larger steps. Both use Barnes-Hut gradients with angle 0.5 here (openTSNE switches to FFT interpolation only from
+10,000 points on), but openTSNE finds neighbours approximately (Annoy, from 1,000 points on) and
+scikit-learn exactly.
 The trustworthiness of both maps is reported beside the times, so a faster but worse map would show.
 This is a benchmark, not a test: timings depend on the machine and its load
 (the load average is recorded too).
@@ -136,8 +137,8 @@ def main(argv=None) -> None:
         "threads": args.threads, "perplexity": PERPLEXITY, "initialization": "pca",
         "iterations": {"opentsne": f"early_exaggeration_iter={EXAGGERATION_ITER} + n_iter={N_ITER}",
                        "sklearn": f"max_iter={EXAGGERATION_ITER + N_ITER} (early stopping disabled)"},
-        "methods": {"opentsne": "Annoy neighbours (exact below 1,000 points), FFT-interpolated gradients, "
-                                "learning rate N/12 then N",
+        "methods": {"opentsne": "Annoy neighbours (exact below 1,000 points), Barnes-Hut gradients (theta 0.5; "
+                                "FFT only from 10,000 points), learning rate N/12 then N",
                     "sklearn": "exact neighbours, Barnes-Hut gradients (angle 0.5), learning rate max(N/48, 50)"},
         "seed": args.seed, "results": rows, "versions": versions(), "cpu": cpu_description(),
         "cpu_count": os.cpu_count(), "load_average_1min": {"before": round(load_before[0], 2),

@@ -50,7 +50,7 @@ def capture_activations(model: nn.Module, inputs: torch.Tensor, layers: list[str
     Raises
     ------
     ValueError
-        For an unknown or repeated layer name, or a non-positive ``batch_size``.
+        For an unknown or repeated layer name, empty ``inputs`` or a non-positive ``batch_size``.
     RuntimeError
         If a requested submodule is not called by the forward pass.
     """
@@ -58,6 +58,8 @@ def capture_activations(model: nn.Module, inputs: torch.Tensor, layers: list[str
     modules = _resolve_layers(model, layers)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size!r}")
+    if len(inputs) == 0:
+        raise ValueError("inputs hold no samples")
     # Per-module flags, since model.train(flag) would overwrite deliberately mixed modes.
     modes = [(m, m.training) for m in model.modules()]
     current: dict[str, torch.Tensor] = {}
@@ -82,8 +84,7 @@ def capture_activations(model: nn.Module, inputs: torch.Tensor, layers: list[str
             handle.remove()
         for module, training in modes:
             module.training = training
-    return {name: np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-            for name, parts in chunks.items()}
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
 def _resolve_layers(model: nn.Module, layers: list[str]) -> dict[str, nn.Module]:

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list experiments, their parameters and the profiles")
     sub.add_parser("data", help="find (or download) Fashion-MNIST, verify it, and say where it is")
+    from .predict import add_predict_parser
+    add_predict_parser(sub)
     return parser
 
 
@@ -96,7 +98,13 @@ def cmd_data(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "list": cmd_list, "data": cmd_data}
+def cmd_predict(args) -> int:
+    from .predict import cmd_predict as predict_command
+    return predict_command(args)
+
+
+COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "list": cmd_list, "data": cmd_data,
+            "predict": cmd_predict}
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,8 @@ from .classify import ClassificationConfig
 from .config import Config, unknown_name_message
 from .errors import ConfigError
 from .explore import DatasetConfig
+from .layerwise import LayerwiseConfig
+from .semisup_study import SemiSupStudyConfig
 from .vae import VAEConfig
 
 
@@ -31,8 +33,14 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("dataset", "The Fashion-MNIST dataset", DatasetConfig, _COMMON + ("explore", "embed")),
     Experiment("classification", "Supervised classification", ClassificationConfig,
                _COMMON + ("classify", "models", "train", "metrics")),
+    Experiment("layerwise", "What each layer sees", LayerwiseConfig,
+               _COMMON + ("layerwise", "activations", "embed", "classify", "models", "train", "metrics"),
+               requires=("classification",)),
     Experiment("vae", "A convolutional VAE", VAEConfig,
                _COMMON + ("vae", "lfw", "classify", "models", "train", "metrics", "embed", "explore")),
+    Experiment("semisupervised", "Semi-supervised learning with a VAE", SemiSupStudyConfig,
+               _COMMON + ("semisup", "semisup_study", "predict", "vae", "lfw", "classify", "models", "train",
+                          "metrics", "embed", "explore")),
 )}
 
 

@@ -39,8 +39,8 @@ def _image(ax, image, title=None):
         ax.set_title(title, fontsize=7)
 
 
-def image_grid(images, titles=None, ncols: int = 10, size: float = 1.0, row_labels=None):
-    """A grid of images (N×C×H×W or N×H×W arrays), optional titles per image and labels per row."""
+def image_grid(images, titles=None, ncols: int = 10, size: float = 1.0, row_labels=None, title=None):
+    """A grid of images (N×C×H×W or N×H×W arrays), optional titles per image, labels per row, a heading."""
     n = len(images)
     nrows = int(np.ceil(n / ncols))
     height = nrows * size * (1.3 if titles is not None else 1.0)
@@ -53,6 +53,8 @@ def image_grid(images, titles=None, ncols: int = 10, size: float = 1.0, row_labe
     for r, label in enumerate(row_labels or []):
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=9, y=1.0 + 0.25 / height)
     return fig
 
 
@@ -172,4 +174,19 @@ def grouped_bars(table: dict, metric_names, title=""):
         ax.bar(np.arange(len(names)) + k * width, values, width, label=metric, color=PALETTE[k % 10])
     ax.set_xticks(np.arange(len(names)) + width * (len(metric_names) - 1) / 2, names, rotation=30)
     ax.set_title(title), ax.legend(fontsize=7)
+    return fig
+
+
+def accuracy_vs_labels(summary: list[dict], key: str = "test_accuracy", title: str = ""):
+    """Mean accuracy (± std over seeds as error bars) against the number of labels, log-scale x, per model."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    models = list(dict.fromkeys(row["model"] for row in summary))
+    for i, model in enumerate(models):
+        rows = sorted((r for r in summary if r["model"] == model), key=lambda r: r["num_labels"])
+        ax.errorbar([r["num_labels"] for r in rows], [r[key] for r in rows],
+                    yerr=[r.get(f"{key}_std", 0.0) for r in rows], marker="o", ms=4, capsize=3,
+                    color=PALETTE[i % 10], label=model)
+    ax.set_xscale("log")
+    ax.set_xlabel("labeled images"), ax.set_ylabel(key.replace("_", " ")), ax.set_title(title)
+    ax.legend(fontsize=7)
     return fig

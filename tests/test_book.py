@@ -15,6 +15,7 @@ CLI = [sys.executable, "-m", "fmnist_core.cli"]
 EXPECTED_FIGURES = {
     "dataset": ["examples", "class_counts", "mean_images", "raw_pixel_embeddings"],
     "classification": ["curves", "confusion", "roc", "error_destinations", "confident_mistakes", "sgd_vs_adam"],
+    "layerwise": ["lenet_avg_pca", "lenet_avg_tsne", "lenet_max_tsne", "resnet18_tsne", "separability"],
     "vae": ["loss_curves", "reconstructions", "interpolation_7_9", "samples", "latent_space", "latent_size_study"],
 }
 

@@ -1,0 +1,254 @@
+"""Benchmark: steps per second of one FixMatch training step, device-resident pipeline against a DataLoader.
+
+Run from the project root::
+
+    .venv/bin/python bench/fixmatch_bench.py                      # smallcnn on the CPU, B=64, mu=7
+    .venv/bin/python bench/fixmatch_bench.py --device cuda --backbone wrn28_2 --dtype bfloat16 \\
+        --out bench/results/fixmatch_cuda.json
+
+Both pipelines train the same seeded model with the same step (``fmnist_core.fixmatch.train_step``: one
+forward pass over B labeled, mu*B weak and mu*B strong images, the FixMatch loss, SGD with Nesterov and the
+FixMatch schedule, then the EMA update); only the way the batch is made differs:
+
+(a) ``device``: this project's pipeline, :class:`fmnist_core.fixmatch.FixMatchBatches` — the whole training
+    set as one ``uint8`` tensor on the device, batches cut from it and augmented there, batched (pad-and-crop,
+    flip, :func:`fmnist_core.randaugment.rand_augment` with Cutout);
+(b) ``dataloader``: the pipeline of the public PyTorch implementations (e.g. kekmodel/FixMatch-pytorch) — a
+    ``Dataset`` returning PIL images, per-image torchvision transforms (RandomHorizontalFlip,
+    RandomCrop(padding 12.5 %, reflect), for the strong view ``RandAugment(num_ops=2, magnitude=10)`` and a
+    Cutout square, ToTensor, Normalize), two ``DataLoader``\\ s (labeled: B, unlabeled: mu*B) with
+    ``--workers`` worker processes each, random sampling with replacement, pinned memory on CUDA.
+
+Each pipeline runs ``--warmup`` untimed steps (worker start-up, allocator, cuDNN autotuning), then
+``--steps`` timed steps; CUDA is synchronised before and after the timed loop. The data are Fashion-MNIST
+(or CIFAR-10 with ``--dataset cifar10``), 40 labels. This is a benchmark, not a test: the numbers depend on
+the machine and its load (the load average is recorded). Workers of (b) prefetch up to two batches each
+during the warm-up, which flatters (b) slightly over a short timed run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing the package
+
+from fmnist_core.data import load_dataset  # noqa: E402
+from fmnist_core.fixmatch import (EMA, Batch, FixMatchBatches, FixMatchConfig, labeled_indices,  # noqa: E402
+                                  make_fixmatch_schedule, train_step, weak_pad)
+from fmnist_core.io import write_json  # noqa: E402
+from fmnist_core.models import build_model  # noqa: E402
+from fmnist_core.train import Split, make_optimizer, prepare_model, resolve_device  # noqa: E402
+
+SEED = 0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="smallcnn", choices=("smallcnn", "wrn28_2"))
+    parser.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "cifar10"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batch-size", type=int, default=64, help="B, labeled images per step")
+    parser.add_argument("--mu", type=int, default=7, help="unlabeled images per labeled image")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes of each DataLoader")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--num-labels", type=int, default=40)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fixmatch_cpu.json"))
+    return parser.parse_args(argv)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """A fresh seeded model with its optimiser, schedule and EMA; ``step(batch)`` is one FixMatch step."""
+
+    def __init__(self, cfg: FixMatchConfig, shape: tuple, device: torch.device):
+        torch.manual_seed(SEED)
+        model = build_model(cfg.backbone, shape[0], 10, shape[1])
+        self.cfg, (self.raw, self.runnable) = cfg, prepare_model(model, cfg, device)
+        self.optimizer = make_optimizer(self.raw, cfg)
+        self.scheduler = make_fixmatch_schedule(self.optimizer, cfg.steps)
+        self.ema = EMA(self.raw, cfg.ema_decay)
+
+    def step(self, batch: Batch) -> None:
+        train_step(self.runnable, self.optimizer, self.scheduler, batch, self.cfg, "benchmark")
+        self.ema.update(self.raw)
+
+
+def timed(make_batch, trainer: Trainer, warmup: int, steps: int, device: torch.device) -> dict:
+    """Run ``warmup`` then ``steps`` steps of ``trainer.step(make_batch(i))``; time the latter.
+
+    ``batch_seconds`` is the part of the timed wall-clock spent inside ``make_batch``: the augmentation for
+    (a) on the CPU (on CUDA only its launch, the kernels run asynchronously), the wait for the workers for (b).
+    """
+    for i in range(warmup):
+        trainer.step(make_batch(i))
+    synchronize(device)
+    load_before, batch_seconds = os.getloadavg()[0], 0.0
+    started = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        tic = time.perf_counter()
+        batch = make_batch(i)
+        batch_seconds += time.perf_counter() - tic
+        trainer.step(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4),
+            "batch_seconds": round(batch_seconds, 3),
+            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
+
+
+# ----------------------------------------------------------------------------------- (a) on the device
+def device_pipeline(cfg, ds, labeled_idx, device, args) -> dict:
+    index = torch.as_tensor(labeled_idx, device=device)
+    labeled = Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
+    unlabeled = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, SEED)
+    generator = torch.Generator(device=device).manual_seed(SEED)
+    trainer = Trainer(cfg, ds.image_shape, device)
+    return timed(lambda i: batches.draw(i, generator), trainer, args.warmup, args.steps, device)
+
+
+# -------------------------------------------------------------------------------- (b) the DataLoader way
+class PILImages(torch.utils.data.Dataset):
+    """Images kept as a numpy array, returned as PIL images through ``transform``, with their labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class Cutout:
+    """FixMatch's Cutout on a PIL image: a grey square of side 1..half the image, at a random centre."""
+
+    def __call__(self, image):
+        from PIL import ImageDraw
+        w, h = image.size
+        side = int(torch.randint(1, min(w, h) // 2 + 1, ()))
+        cx, cy = int(torch.randint(0, w, ())), int(torch.randint(0, h, ()))
+        x0, y0 = max(0, cx - side // 2), max(0, cy - side // 2)
+        image = image.copy()
+        fill = 127 if image.mode == "L" else (127,) * len(image.getbands())
+        ImageDraw.Draw(image).rectangle([x0, y0, min(w, x0 + side) - 1, min(h, y0 + side) - 1], fill=fill)
+        return image
+
+
+class TwoViews:
+    def __init__(self, weak, strong):
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, image):
+        return self.weak(image), self.strong(image)
+
+
+def conventional_transforms(size: int, mean, std):
+    import torchvision.transforms as T
+    geometric = [T.RandomHorizontalFlip(), T.RandomCrop(size, padding=weak_pad(size), padding_mode="reflect")]
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    weak = T.Compose(geometric + finish)
+    strong = T.Compose(geometric + [T.RandAugment(num_ops=2, magnitude=10), Cutout()] + finish)
+    return weak, TwoViews(weak, strong)
+
+
+def loader(dataset, batch_size: int, total: int, args, device) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(SEED)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=total * batch_size,
+                                             generator=generator)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                                       num_workers=args.workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=args.workers > 0)
+
+
+def dataloader_pipeline(cfg, ds, labeled_idx, device, args) -> dict:
+    def as_numpy(images):  # N×C×H×W uint8 -> N×H×W (grey) or N×H×W×C, as PIL wants
+        array = images.cpu().numpy().transpose(0, 2, 3, 1)
+        return array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array)
+
+    images, labels = as_numpy(ds.train_images), ds.train_labels.cpu().numpy()
+    weak, two_views = conventional_transforms(ds.image_shape[1], ds.mean, ds.std)
+    total = args.warmup + args.steps + 1
+    labeled = loader(PILImages(images[labeled_idx], labels[labeled_idx], weak), cfg.batch_size, total, args, device)
+    unlabeled = loader(PILImages(images, labels, two_views), cfg.mu * cfg.batch_size, total, args, device)
+    labeled_it, unlabeled_it = iter(labeled), iter(unlabeled)
+
+    def make_batch(_):
+        x, y = next(labeled_it)
+        (u_weak, u_strong), u_labels = next(unlabeled_it)
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(x), move(y), move(u_weak), move(u_strong), move(u_labels))
+
+    trainer = Trainer(cfg, ds.image_shape, device)
+    return timed(make_batch, trainer, args.warmup, args.steps, device)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def versions() -> dict:
+    import PIL
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    cfg = FixMatchConfig.from_overrides({"backbone": args.backbone, "dataset": args.dataset, "device": args.device,
+                                         "dtype": args.dtype, "batch_size": args.batch_size, "mu": args.mu,
+                                         "num_labels": args.num_labels, "steps": args.warmup + args.steps})
+    ds = load_dataset(args.dataset, device=device)
+    labeled_idx = labeled_indices(ds.train_labels, cfg.num_labels, SEED, ds.num_classes)
+    results = {"device_resident": device_pipeline(cfg, ds, labeled_idx, device, args)}
+    print(f"device-resident pipeline: {results['device_resident']['steps_per_s']:.3f} steps/s", flush=True)
+    results["dataloader"] = dataloader_pipeline(cfg, ds, labeled_idx, device, args)
+    print(f"DataLoader pipeline:      {results['dataloader']['steps_per_s']:.3f} steps/s", flush=True)
+    ratio = results["device_resident"]["steps_per_s"] / results["dataloader"]["steps_per_s"]
+    print(f"ratio (device-resident / DataLoader): {ratio:.2f}")
+    report = {
+        "benchmark": "steps/s of one FixMatch training step (forward, loss, SGD step, EMA update) including "
+                     "making the batch: device-resident batched augmentation vs DataLoader with PIL transforms",
+        "images_per_step": {"labeled": args.batch_size, "unlabeled": args.mu * args.batch_size,
+                            "forward": args.batch_size * (1 + 2 * args.mu)},
+        **results, "ratio": round(ratio, 3),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_type": device.type, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "dataloader_workers": {"per_loader": args.workers, "loaders": 2},
+        "args": vars(args) | {"out": str(Path(args.out).relative_to(ROOT)) if Path(args.out).is_relative_to(ROOT)
+                              else args.out},
+        "versions": versions(),
+    }
+    write_json(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""FixMatch's strong augmentation: RandAugment with a random magnitude per image, then Cutout, batched.
+
+Every image of a batch draws ``num_ops`` operations from :data:`OPS` and, for each, a magnitude uniform in
+the operation's range, then gets a Cutout square. All of it runs as tensor operations on the images' device
+(CPU or CUDA): the only Python loops run over the 14 operations and the ``num_ops`` slots, never over images.
+Images are floats in [0, 1], shape (N, C, H, W), with C = 1 (grey) or 3 (RGB); every operation returns
+the same shape and dtype, clamped to [0, 1].
+
+Ranges follow Table 12 of the FixMatch paper (Sohn et al. 2020, "RandAugment" list):
+
+============  ==========================  ==========================================================
+operation     magnitude                   meaning
+============  ==========================  ==========================================================
+AutoContrast  none                        stretch each channel to [0, 1]
+Brightness    factor in [0.05, 0.95]      blend with black (0 = black, 1 = unchanged)
+Color         factor in [0.05, 0.95]      blend with the grey image (saturation; identity on grey)
+Contrast      factor in [0.05, 0.95]      blend with the image's mean grey level
+Equalize      none                        histogram equalisation per channel (PIL's algorithm)
+Identity      none                        unchanged
+Posterize     bits in {4, ..., 8}         keep the top ``bits`` bits of each 8-bit level
+Rotate        angle in [-30, 30] degrees  counter-clockwise about the centre
+Sharpness     factor in [0.05, 0.95]      blend with PIL's SMOOTH-filtered image (0 = blurred)
+ShearX/Y      r in [-0.3, 0.3]            x' = x + r y (resp. y' = y + r x)
+Solarize      threshold in [0, 1]         invert the levels >= threshold
+TranslateX/Y  fraction in [-0.3, 0.3]     shift by the fraction times the width (resp. height)
+============  ==========================  ==========================================================
+
+Deviations from the PIL-based reference implementations, on purpose:
+
+* every drawn operation is applied (the paper's RA); kekmodel's ``RandAugmentMC`` applies each with
+  probability 1/2 and draws the magnitude from 10 discrete levels;
+* shears and rotations are about the image centre (PIL shears about the top-left corner, which adds a
+  translation of up to ``0.3 * H``); geometric ops sample the nearest pixel as PIL does, and fill the
+  uncovered area with black (0, PIL's default fill and Fashion-MNIST's background);
+* colour ops work on floats and are not re-quantised to 8 bits between operations (Posterize and
+  Equalize quantise their input to 256 levels, as they are defined on 8-bit images);
+* Contrast blends with the float mean of the grey image (PIL rounds it to an integer level).
+
+Cutout (after the operations, as in FixMatch): one square per image, side uniform in
+``1 .. cutout * min(H, W)`` pixels, centred on a uniformly random pixel, clipped at the border, filled with
+grey 0.5 (FixMatch's 127/255). Grey conversion of RGB uses the ITU-R 601 luma weights, as PIL does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
+GEOMETRIC_FILL = 0.0
+CUTOUT_FILL = 0.5
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or not images.is_floating_point():
+        raise ValueError(f"expected float images of shape (N, 1 or 3, H, W), got {tuple(images.shape)} "
+                         f"{images.dtype}")
+
+
+def _per_image(value, images: torch.Tensor) -> torch.Tensor:
+    """A scalar or a length-N tensor as an (N, 1, 1, 1) tensor on the images' device and dtype."""
+    value = torch.as_tensor(value, dtype=images.dtype, device=images.device)
+    return value.expand(images.shape[0]).reshape(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, images: torch.Tensor, factor) -> torch.Tensor:
+    """PIL's ``ImageEnhance``: ``degenerate + factor * (images - degenerate)``, clamped to [0, 1]."""
+    return (degenerate + _per_image(factor, images) * (images - degenerate)).clamp_(0.0, 1.0)
+
+
+def _levels(images: torch.Tensor) -> torch.Tensor:
+    """The 8-bit levels (int64, 0..255) of images in [0, 1]."""
+    return (images * 255.0).round().clamp(0, 255).long()
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    """The luma of each image, (N, 1, H, W): ITU-R 601 weights for RGB, the image itself for grey."""
+    if images.shape[1] == 1:
+        return images
+    r, g, b = LUMA_WEIGHTS  # Python scalars: no weight tensor to copy to the device on every call
+    return r * images[:, 0:1] + g * images[:, 1:2] + b * images[:, 2:3]
+
+
+# ----------------------------------------------------------------------------------------- colour ops
+def identity(images: torch.Tensor, magnitude=None) -> torch.Tensor:
+    """The images unchanged."""
+    return images
+
+
+def auto_contrast(images: torch.Tensor, magnitude=None) -> torch.Tensor:
+    """Stretch each channel of each image linearly so that its darkest level is 0 and its lightest 1.
+
+    A constant channel is left unchanged (as PIL does).
+    """
+    low = images.amin((2, 3), keepdim=True)
+    span = images.amax((2, 3), keepdim=True) - low
+    flat = span <= 0
+    stretched = (images - low) / torch.where(flat, torch.ones_like(span), span)
+    return torch.where(flat, images, stretched).clamp_(0.0, 1.0)
+
+
+def brightness(images: torch.Tensor, factor) -> torch.Tensor:
+    """Blend with black: ``factor`` 0 gives black, 1 the image (a scalar or one factor per image)."""
+    return _blend(torch.zeros_like(images), images, factor)
+
+
+def color(images: torch.Tensor, factor) -> torch.Tensor:
+    """Blend with the grey image (PIL's ``Color``, i.e. saturation); the identity on one-channel images."""
+    if images.shape[1] == 1:
+        return images
+    return _blend(grey(images).expand_as(images), images, factor)
+
+
+def contrast(images: torch.Tensor, factor) -> torch.Tensor:
+    """Blend with the image's mean grey level: ``factor`` 0 gives a uniform grey image, 1 the image."""
+    mean = grey(images).mean((1, 2, 3), keepdim=True)
+    return _blend(mean.expand_as(images), images, factor)
+
+
+def sharpness(images: torch.Tensor, factor) -> torch.Tensor:
+    """Blend with PIL's SMOOTH filter (3×3, centre 5, others 1, /13; border pixels kept): 0 = blurred."""
+    n, c, h, w = images.shape
+    if h < 3 or w < 3:
+        return images
+    kernel = torch.ones(1, 1, 3, 3, dtype=images.dtype, device=images.device)
+    kernel[0, 0, 1, 1] = 5.0
+    blurred = F.conv2d(images.reshape(n * c, 1, h, w), kernel / 13.0).view(n, c, h - 2, w - 2)
+    degenerate = images.clone()
+    degenerate[:, :, 1:-1, 1:-1] = blurred
+    return _blend(degenerate, images, factor)
+
+
+def posterize(images: torch.Tensor, bits) -> torch.Tensor:
+    """Keep the ``bits`` (1..8, a scalar or one per image) most significant bits of each 8-bit level."""
+    shift = 8 - torch.as_tensor(bits, device=images.device).long().expand(images.shape[0]).view(-1, 1, 1, 1)
+    levels = torch.bitwise_left_shift(torch.bitwise_right_shift(_levels(images), shift), shift)
+    return levels.to(images.dtype) / 255.0
+
+
+def solarize(images: torch.Tensor, threshold) -> torch.Tensor:
+    """Invert (``1 - x``) every value at or above ``threshold`` (PIL's rule), per image."""
+    return torch.where(images >= _per_image(threshold, images), 1.0 - images, images)
+
+
+def equalize(images: torch.Tensor, magnitude=None) -> torch.Tensor:
+    """Histogram equalisation of each channel of each image, batched (PIL's ``ImageOps.equalize``).
+
+    PIL's look-up table: with ``step = (pixels - count of the brightest level present) // 255``, level
+    ``i`` maps to ``(step // 2 + pixels below i) // step``; a channel with ``step == 0`` is unchanged.
+    All histograms come from one ``scatter_add_`` over the (image, channel) rows.
+    """
+    n, c, h, w = images.shape
+    levels = _levels(images).view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=images.device)
+    hist.scatter_add_(1, levels, torch.ones_like(levels))
+    brightest = hist.gather(1, levels.amax(1, keepdim=True))
+    step = (h * w - brightest) // 255
+    below = hist.cumsum(1) - hist
+    lut = ((below + step // 2) // step.clamp(min=1)).clamp_(0, 255)
+    mapped = torch.where(step > 0, lut.gather(1, levels), levels)
+    return (mapped.to(images.dtype) / 255.0).view(n, c, h, w)
+
+
+# -------------------------------------------------------------------------------------- geometric ops
+GEOMETRIC_KINDS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def geometric_matrices(kinds: torch.Tensor, magnitudes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-image 2×3 maps from output to input pixel, in pixels about the image centre.
+
+    ``kinds`` indexes :data:`GEOMETRIC_KINDS`; ``magnitudes`` are degrees (rotate), shear factors, or
+    fractions of the width/height (translate). Each image gets exactly one of the five maps; the formula
+    below is their sum because the unused terms vanish (angle 0, shear 0, shift 0).
+    """
+    def where(kind):
+        return torch.where(kinds == GEOMETRIC_KINDS.index(kind), magnitudes, torch.zeros_like(magnitudes))
+
+    angle = where("rotate") * (math.pi / 180.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Rows: x_in = cos x - sin y + shear_x y + tx;  y_in = sin x + cos y + shear_y x + ty (y points down,
+    # so this rotates the content counter-clockwise, as PIL's rotate does).
+    row_x = torch.stack([cos, -sin + where("shear_x"), where("translate_x") * width], 1)
+    row_y = torch.stack([sin + where("shear_y"), cos, where("translate_y") * height], 1)
+    return torch.stack([row_x, row_y], 1)
+
+
+def affine(images: torch.Tensor, matrices: torch.Tensor, fill: float = GEOMETRIC_FILL) -> torch.Tensor:
+    """Warp every image with its own 2×3 output-to-input map (pixels about the centre), in one
+    ``affine_grid``/``grid_sample`` call; nearest-pixel sampling, uncovered pixels set to ``fill``."""
+    n, c, h, w = images.shape
+    # Pixels about the centre -> grid_sample's [-1, 1] coordinates (align_corners=False): x_n = 2 x / w.
+    theta = matrices.to(images.dtype).clone()
+    theta[:, 0, 1] *= h / w
+    theta[:, 0, 2] *= 2.0 / w
+    theta[:, 1, 0] *= w / h
+    theta[:, 1, 2] *= 2.0 / h
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    # Sampling (images - fill) with zero padding leaves exactly ``fill`` outside the source image.
+    warped = F.grid_sample(images - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return (warped + fill).clamp_(0.0, 1.0)
+
+
+def _geometric(kind: str, images: torch.Tensor, magnitude) -> torch.Tensor:
+    n, _, h, w = images.shape
+    kinds = torch.full((n,), GEOMETRIC_KINDS.index(kind), device=images.device)
+    magnitudes = torch.as_tensor(magnitude, dtype=images.dtype, device=images.device).expand(n)
+    return affine(images, geometric_matrices(kinds, magnitudes, h, w))
+
+
+def rotate(images: torch.Tensor, degrees) -> torch.Tensor:
+    """Rotate counter-clockwise about the centre by ``degrees`` (a scalar or one angle per image)."""
+    return _geometric("rotate", images, degrees)
+
+
+def shear_x(images: torch.Tensor, factor) -> torch.Tensor:
+    """Shear horizontally about the centre: output (x, y) samples input (x + factor·y, y)."""
+    return _geometric("shear_x", images, factor)
+
+
+def shear_y(images: torch.Tensor, factor) -> torch.Tensor:
+    """Shear vertically about the centre: output (x, y) samples input (x, y + factor·x)."""
+    return _geometric("shear_y", images, factor)
+
+
+def translate_x(images: torch.Tensor, fraction) -> torch.Tensor:
+    """Shift horizontally by ``fraction`` of the width (output x samples input x + fraction·W)."""
+    return _geometric("translate_x", images, fraction)
+
+
+def translate_y(images: torch.Tensor, fraction) -> torch.Tensor:
+    """Shift vertically by ``fraction`` of the height (output y samples input y + fraction·H)."""
+    return _geometric("translate_y", images, fraction)
+
+
+# ------------------------------------------------------------------------------------ the op table
+# (name, function, low, high): the magnitude is low + (high - low) * u, u ~ U[0, 1) per image; Posterize
+# rounds down to whole bits, so its 5 values are equally likely. The geometric ops come last so that the
+# images drawing them form one block, warped by a single grid_sample.
+OPS = (
+    ("Identity", identity, 0.0, 0.0),
+    ("AutoContrast", auto_contrast, 0.0, 0.0),
+    ("Equalize", equalize, 0.0, 0.0),
+    ("Brightness", brightness, 0.05, 0.95),
+    ("Color", color, 0.05, 0.95),
+    ("Contrast", contrast, 0.05, 0.95),
+    ("Sharpness", sharpness, 0.05, 0.95),
+    ("Posterize", posterize, 4.0, 9.0),
+    ("Solarize", solarize, 0.0, 1.0),
+    ("Rotate", rotate, -30.0, 30.0),
+    ("ShearX", shear_x, -0.3, 0.3),
+    ("ShearY", shear_y, -0.3, 0.3),
+    ("TranslateX", translate_x, -0.3, 0.3),
+    ("TranslateY", translate_y, -0.3, 0.3),
+)
+OP_NAMES = tuple(name for name, *_ in OPS)
+_FIRST_GEOMETRIC = OP_NAMES.index("Rotate")
+
+
+def op_magnitude(index: int, u: torch.Tensor) -> torch.Tensor:
+    """The magnitude of operation ``OPS[index]`` for uniform draws ``u`` in [0, 1)."""
+    _, _, low, high = OPS[index]
+    value = low + (high - low) * u
+    return value.floor().clamp(max=8) if OP_NAMES[index] == "Posterize" else value
+
+
+def apply_ops(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Apply operation ``OPS[ops[i]]`` with magnitude draw ``u[i]`` to image ``i``, for all i at once.
+
+    The images are sorted by operation so that each operation runs once on a contiguous block, and all
+    geometric ones share one warp; the only host synchronisation is reading the block sizes.
+    """
+    order = torch.argsort(ops, stable=True)
+    counts = torch.bincount(ops, minlength=len(OPS)).tolist()
+    x, kinds, u = images[order], ops[order], u[order]
+    blocks, start = [], 0
+    for index, count in enumerate(counts[:_FIRST_GEOMETRIC]):
+        if count:
+            fn = OPS[index][1]
+            blocks.append(fn(x[start:start + count], op_magnitude(index, u[start:start + count])))
+        start += count
+    if start < len(x):
+        kind = kinds[start:]
+        magnitudes = torch.zeros_like(u[start:])
+        for index in range(_FIRST_GEOMETRIC, len(OPS)):
+            magnitudes = torch.where(kind == index, op_magnitude(index, u[start:]), magnitudes)
+        # The OPS order of the geometric ops is GEOMETRIC_KINDS' order.
+        matrices = geometric_matrices(kind - _FIRST_GEOMETRIC, magnitudes, x.shape[2], x.shape[3])
+        blocks.append(affine(x[start:], matrices))
+    out = torch.empty_like(images)
+    out[order] = torch.cat(blocks)
+    return out
+
+
+def cutout(images: torch.Tensor, generator: torch.Generator, size: float = 0.5,
+           fill: float = CUTOUT_FILL) -> torch.Tensor:
+    """Fill one square per image with ``fill``: side uniform in 1..``size``·min(H, W) pixels, centred on a
+    uniformly random pixel, clipped at the border (FixMatch's Cutout)."""
+    n, _, h, w = images.shape
+    device = images.device
+    longest = max(1, int(size * min(h, w)))
+    side = 1 + (torch.rand(n, device=device, generator=generator) * longest).long().clamp(max=longest - 1)
+    cy = torch.randint(0, h, (n,), device=device, generator=generator)
+    cx = torch.randint(0, w, (n,), device=device, generator=generator)
+    top, left = (cy - side // 2).view(n, 1, 1), (cx - side // 2).view(n, 1, 1)
+    side = side.view(n, 1, 1)
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    inside = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+    return torch.where(inside.unsqueeze(1), torch.full_like(images, fill), images)
+
+
+_cutout = cutout  # ``rand_augment``'s ``cutout`` argument shadows the function inside it
+
+
+def rand_augment(images: torch.Tensor, generator: torch.Generator, num_ops: int = 2,
+                 cutout: float = 0.5) -> torch.Tensor:
+    """FixMatch's RandAugment: ``num_ops`` random operations per image, random magnitudes, then Cutout.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        Float images in [0, 1], shape (N, C, H, W), C = 1 or 3, on any device.
+    generator : torch.Generator
+        Seeded generator on the images' device; every draw (operations, magnitudes, Cutout) comes from it.
+    num_ops : int
+        Operations applied one after another to every image, each drawn uniformly from :data:`OPS`
+        (independently, so an image may draw the same operation twice).
+    cutout : float
+        Largest Cutout side as a fraction of the shorter image side; 0 disables Cutout.
+
+    Returns
+    -------
+    torch.Tensor
+        The augmented images: same shape, float32 (the input's float dtype), values in [0, 1].
+    """
+    _check_images(images)
+    n = images.shape[0]
+    for _ in range(num_ops):
+        ops = torch.randint(0, len(OPS), (n,), device=images.device, generator=generator)
+        u = torch.rand(n, device=images.device, generator=generator, dtype=images.dtype)
+        images = apply_ops(images, ops, u)
+    if cutout > 0:
+        images = _cutout(images, generator, cutout)
+    return images

@@ -1,0 +1,113 @@
+"""The semi-supervised chapter's study: every model at every label count and seed, on the same labeled subsets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .config import param, require
+from .data import ImageDataset
+from .predict import class_probabilities
+from .semisup import SemiSupConfig, load_trained_semisup, semisup_splits, train_semisup
+from .vae import to_unit
+
+
+@dataclass
+class SemiSupStudyConfig(SemiSupConfig):
+    """The study: ``label_counts`` × ``seeds`` × ``models``; each run is a :class:`SemiSupConfig`."""
+
+    label_counts: list[int] = param([100, 1000, 5000, 0], "labeled images per run (0 = all: the ceiling)")
+    seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
+    focus_labels: int = param(5000, "label count of the confusion matrices, the voting study and the latent space")
+    tta_copies: list[int] = param([0, 2, 4, 8, 16], "extra augmented copies compared in the voting study")
+    embed_images: int = param(2000, "test images (class-balanced) in the latent-space picture")
+    perplexity: float = param(30.0, "t-SNE perplexity of the latent-space picture")
+    n_jobs: int = param(2, "threads for t-SNE")
+
+    def check(self) -> None:
+        super().check()
+        require(len(self.label_counts) > 0 and all(n >= 0 for n in self.label_counts), "label_counts",
+                "must list label counts (0 = all)")
+        require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        require(self.focus_labels in self.label_counts, "focus_labels", "must be one of the label_counts")
+        require(all(t >= 0 for t in self.tta_copies), "tta_copies", "must be non-negative")
+        require(self.embed_images >= 10 and self.embed_images % 10 == 0, "embed_images",
+                "must be a positive multiple of 10")
+
+    def run_config(self, num_labels: int, seed: int) -> SemiSupConfig:
+        """The configuration of one run of the study."""
+        fields = {f.name for f in dataclasses.fields(SemiSupConfig)}
+        values = {k: v for k, v in self.to_dict().items() if k in fields}
+        return SemiSupConfig.from_overrides(values, {"num_labels": num_labels, "label_seed": seed, "seed": seed})
+
+
+def run_name(model: str, num_labels: int, seed: int) -> str:
+    return f"{model}_n{num_labels or 'all'}_s{seed}"
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((probs.argmax(1) == labels.cpu()).float().mean())
+
+
+def evaluate_run(out_dir: Path, splits, labeled, tta: int) -> dict:
+    """Train (labeled subset), validation and test accuracy of a run's best checkpoint, with and without TTA."""
+    model, state = load_trained_semisup(Path(out_dir) / "best.pt", splits.test.images.device)
+
+    def probs(split, copies=0):
+        return class_probabilities(model, state["config"], to_unit(split.images), copies)
+
+    test_probs = probs(splits.test, tta)
+    np.save(Path(out_dir) / "test_probs.npy", test_probs.numpy())
+    return {"train_accuracy": accuracy(probs(labeled), labeled.labels),
+            "val_accuracy": accuracy(probs(splits.val), splits.val.labels),
+            "test_accuracy": accuracy(probs(splits.test), splits.test.labels),
+            "test_accuracy_tta": accuracy(test_probs, splits.test.labels), "best_epoch": int(state["epoch"])}
+
+
+def run_study(cfg: SemiSupStudyConfig, ds: ImageDataset, run_dir, log=print) -> list[dict]:
+    """Train and evaluate every (label count, seed, model); one row per run."""
+    rows = []
+    for num_labels in cfg.label_counts:
+        for seed in cfg.seeds:
+            run_cfg = cfg.run_config(num_labels, seed)
+            labeled = semisup_splits(run_cfg, ds).labeled
+            for model in cfg.models:
+                out = Path(run_dir) / "models" / run_name(model, num_labels, seed)
+                _, _, splits, _ = train_semisup(run_cfg, model, ds, out, log)
+                rows.append({"model": model, "num_labels": num_labels or len(splits.train.labels), "seed": seed,
+                             "run": run_name(model, num_labels, seed), **evaluate_run(out, splits, labeled, cfg.tta)})
+    return rows
+
+
+def voting_study(out_dir: Path, test, copies: list[int]) -> list[dict]:
+    """Test accuracy of one run's best checkpoint for each number of extra augmented copies."""
+    model, state = load_trained_semisup(Path(out_dir) / "best.pt", test.images.device)
+    return [{"copies": n, "test_accuracy": accuracy(class_probabilities(model, state["config"],
+                                                                        to_unit(test.images), n), test.labels)}
+            for n in copies]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per (model, label count)."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["num_labels"]), []).append(row)
+    summary = []
+    for (model, num_labels), group in groups.items():
+        entry = {"model": model, "num_labels": num_labels, "seeds": len(group)}
+        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_accuracy_tta"):
+            values = np.array([g[key] for g in group])
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def confusion(out_dir: Path, labels) -> list[list[int]]:
+    """The test confusion matrix (counts) of a run, from its saved test probabilities (with TTA)."""
+    probs = np.load(Path(out_dir) / "test_probs.npy")
+    return metrics.confusion_matrix(np.asarray(labels.cpu()), probs.argmax(1), probs.shape[1]).tolist()

@@ -1,0 +1,336 @@
+"""FixMatch: loss and mask, strong augmentation, batches, labeled subsets, EMA, schedule, exact resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from fmnist_core import randaugment as ra
+from fmnist_core.data import ImageDataset
+from fmnist_core.errors import ConfigError
+from fmnist_core.fixmatch import (EMA, EpochStream, FixMatchBatches, FixMatchConfig, fixmatch_loss,
+                                  fixmatch_lr_factor, labeled_indices, make_fixmatch_schedule, train_fixmatch,
+                                  train_step)
+from fmnist_core.io import load_checkpoint
+from fmnist_core.train import Split
+
+CLASSES = tuple(f"class {i}" for i in range(10))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The machine is shared: keep each test on one core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_dataset(n=100, channels=1, size=28, name="fashion_mnist", seed=0) -> ImageDataset:
+    """Class c: a bright vertical band at columns 2c..2c+7 on dark noise (learnable in a few steps)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.randint(0, 60, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    for c in range(10):
+        images[labels == c, :, :, 2 * c:2 * c + 8] += 150
+    mean, std = (0.3,) * channels, (0.3,) * channels
+    return ImageDataset(name, images, labels, images[:50].clone(), labels[:50].clone(), mean, std, CLASSES)
+
+
+def config(**overrides) -> FixMatchConfig:
+    base = {"backbone": "smallcnn", "steps": 6, "batch_size": 8, "mu": 2, "num_labels": 20, "log_every": 3,
+            "eval_every": 3, "checkpoint_every": 2, "device": "cpu", "threshold": 0.22, "eval_images": 30}
+    return FixMatchConfig.from_overrides(base, overrides)
+
+
+def random_images(n=8, channels=1, size=28, seed=0) -> torch.Tensor:
+    return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------ the loss
+def test_confident_prediction_gives_pseudo_label_and_loss_unconfident_gives_none():
+    logits_x, labels = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0])
+    logits_weak = torch.tensor([[10.0, 0.0, 0.0],    # confident: p(0) > 0.99
+                                [1.0, 0.9, 0.8],     # unconfident
+                                [0.0, 0.0, 0.0],     # uniform
+                                [0.0, 5.0, 0.0]],    # p(1) = 0.987
+                               requires_grad=True)
+    logits_strong = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]],
+                                 requires_grad=True)
+    out = fixmatch_loss(logits_x, labels, logits_weak, logits_strong, threshold=0.95, lambda_u=2.0)
+    assert out["mask"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert out["pseudo_labels"][[0, 3]].tolist() == [0, 1]
+    ce = F.cross_entropy(logits_strong.detach(), torch.tensor([0, 0, 0, 1]), reduction="none")
+    # Averaged over all mu*B = 4 images, the two unconfident ones counting as zero.
+    assert out["loss_u"].item() == pytest.approx((ce[0] + ce[3]).item() / 4, rel=1e-6)
+    assert out["loss_u"].item() > 0
+    assert out["loss"].item() == pytest.approx(F.cross_entropy(logits_x, labels).item() + 2 * out["loss_u"].item())
+    out["loss"].backward()
+    assert logits_weak.grad is None  # the pseudo-label is a target, not a path for gradients
+    assert torch.all(logits_strong.grad[[1, 2]] == 0) and torch.any(logits_strong.grad[0] != 0)
+
+
+def test_no_confident_prediction_means_zero_unlabeled_loss():
+    logits_strong = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    out = fixmatch_loss(torch.zeros(2, 10), torch.tensor([1, 2]), torch.zeros(6, 10), logits_strong)
+    assert out["mask"].sum() == 0 and out["loss_u"].item() == 0.0
+
+
+# ------------------------------------------------------------------------------- strong augmentation
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rand_augment_changes_images_per_image_and_keeps_shape_dtype_range(channels):
+    image = random_images(1, channels, 28)
+    batch = image.repeat(32, 1, 1, 1)
+    out = ra.rand_augment(batch, torch.Generator().manual_seed(0))
+    assert out.shape == batch.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(batch, image.repeat(32, 1, 1, 1))  # the input is not modified in place
+    distinct = {tuple(x.flatten().tolist()) for x in out}
+    assert len(distinct) >= 28  # each copy draws its own ops, magnitudes and Cutout
+    assert all(not torch.equal(x, image[0]) for x in out)  # Cutout alone changes every image
+
+
+def test_rand_augment_is_reproducible_from_the_generator():
+    x = random_images(16, 3, 32)
+    a = ra.rand_augment(x, torch.Generator().manual_seed(5))
+    b = ra.rand_augment(x, torch.Generator().manual_seed(5))
+    c = ra.rand_augment(x, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("index", range(len(ra.OPS)))
+def test_every_op_keeps_shape_and_range_at_both_ends_of_its_magnitudes(index, channels):
+    x = random_images(6, channels, 28, seed=index)
+    x[0] = 0.0  # constant images: degenerate cases of AutoContrast, Equalize, Contrast
+    x[1] = 1.0
+    for u in (0.0, 0.999999):
+        out = ra.apply_ops(x, torch.full((6,), index), torch.full((6,), u))
+        assert out.shape == x.shape and out.dtype == x.dtype
+        assert out.min() >= 0 and out.max() <= 1, ra.OP_NAMES[index]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_batched_ops_equal_the_ops_applied_image_by_image(channels):
+    g = torch.Generator().manual_seed(1)
+    x = random_images(40, channels, 28, seed=2)
+    ops, u = torch.randint(0, len(ra.OPS), (40,), generator=g), torch.rand(40, generator=g)
+    batched = ra.apply_ops(x, ops, u)
+    for i in range(40):
+        k = int(ops[i])
+        alone = ra.OPS[k][1](x[i:i + 1], ra.op_magnitude(k, u[i:i + 1]))
+        assert torch.allclose(batched[i], alone[0], atol=1e-6), ra.OP_NAMES[k]
+
+
+def test_identity_is_identity_and_color_is_identity_on_grey_images():
+    x = random_images(4, 1)
+    assert torch.equal(ra.apply_ops(x, torch.full((4,), ra.OP_NAMES.index("Identity")), torch.rand(4)), x)
+    assert torch.equal(ra.color(x, torch.tensor([0.05, 0.3, 0.6, 0.95])), x)
+    rgb = random_images(2, 3)
+    desaturated = ra.color(rgb, 0.0)  # factor 0: the grey image, equal channels, ITU-R 601 luma
+    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    assert torch.allclose(desaturated, luma.unsqueeze(1).expand_as(rgb), atol=1e-6)
+
+
+def test_magnitudes_follow_the_fixmatch_ranges():
+    u = torch.tensor([0.0, 0.5, 0.999999])
+    assert ra.op_magnitude(ra.OP_NAMES.index("Brightness"), u).tolist() == pytest.approx([0.05, 0.5, 0.95])
+    assert ra.op_magnitude(ra.OP_NAMES.index("Posterize"), u).tolist() == [4, 6, 8]
+    assert ra.op_magnitude(ra.OP_NAMES.index("Rotate"), u).tolist() == pytest.approx([-30, 0, 30], abs=1e-4)
+    assert ra.op_magnitude(ra.OP_NAMES.index("TranslateX"), u).tolist() == pytest.approx([-0.3, 0, 0.3], abs=1e-6)
+
+
+def test_equalize_posterize_solarize_and_rotate_match_pil():
+    pixels = (np.random.default_rng(0).beta(2, 5, (2, 28, 28)) * 255).astype(np.uint8)
+    x = torch.from_numpy(pixels).float().div(255).unsqueeze(1)
+
+    def as_uint8(t):
+        return (t * 255).round().byte().squeeze(1).numpy()
+
+    pil = [Image.fromarray(p) for p in pixels]
+    np.testing.assert_array_equal(as_uint8(ra.equalize(x)), [np.asarray(ImageOps.equalize(p)) for p in pil])
+    np.testing.assert_array_equal(as_uint8(ra.posterize(x, torch.tensor([4, 6]))),
+                                  [np.asarray(ImageOps.posterize(p, b)) for p, b in zip(pil, (4, 6))])
+    np.testing.assert_array_equal(as_uint8(ra.solarize(x, 100 / 255)),
+                                  [np.asarray(ImageOps.solarize(p, 100)) for p in pil])
+    np.testing.assert_array_equal(as_uint8(ra.rotate(x, torch.tensor([25.0, -90.0]))),
+                                  [np.asarray(p.rotate(a)) for p, a in zip(pil, (25.0, -90.0))])
+
+
+def test_cutout_fills_a_grey_square_of_at_most_half_the_side():
+    x = torch.zeros(64, 1, 28, 28)
+    out = ra.cutout(x, torch.Generator().manual_seed(0), size=0.5)
+    filled = (out == 0.5).flatten(1).sum(1)
+    assert filled.min() >= 1 and filled.max() <= 14 * 14
+    assert torch.all((out == 0) | (out == 0.5))
+
+
+# ---------------------------------------------------------------------------------- batches, subsets
+def test_weak_augmentation_leaves_labels_with_their_images():
+    labels = torch.arange(40) % 10
+    # Constant images whose grey level encodes the label: a translation of <= 3 px keeps the centre.
+    images = (labels * 20 + 30).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 28, 28).contiguous()
+    split = Split(images, labels.clone(), (0.0,), (1.0,))
+    batches = FixMatchBatches(split, split, batch_size=16, mu=2, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(5):
+        batch = batches.draw(step, generator)
+        index = batches.labeled_stream.indices(step)
+        assert torch.equal(batch.labels, labels[index])
+        centre = (batch.labeled[:, 0, 14, 14] * 255).round().long()
+        assert torch.equal((centre - 30) // 20, batch.labels)
+        assert torch.equal(((batch.weak[:, 0, 14, 14] * 255).round().long() - 30) // 20, batch.true_labels)
+    assert torch.equal(split.labels, labels)  # the stored labels are untouched
+
+
+def test_epoch_stream_covers_every_index_once_per_epoch_and_is_reproducible():
+    stream = EpochStream(10, 4, seed=3, stream=0, device="cpu")
+    drawn = torch.cat([stream.indices(k) for k in range(5)])  # 20 indices = two epochs, straddled
+    assert sorted(drawn[:10].tolist()) == list(range(10)) and sorted(drawn[10:].tolist()) == list(range(10))
+    # A fresh stream (a resumed run) gives step 3's batch without having drawn steps 0-2.
+    assert torch.equal(EpochStream(10, 4, 3, 0, "cpu").indices(3), drawn[12:16])
+    assert not torch.equal(drawn, torch.cat([EpochStream(10, 4, 4, 0, "cpu").indices(k) for k in range(5)]))
+
+
+def test_labeled_subsets_are_class_balanced_and_reproducible():
+    labels = torch.arange(300) % 10
+    a = labeled_indices(labels, 40, label_seed=1)
+    assert np.bincount(labels[a].numpy(), minlength=10).tolist() == [4] * 10
+    assert np.array_equal(a, labeled_indices(labels, 40, label_seed=1))
+    assert not np.array_equal(a, labeled_indices(labels, 40, label_seed=2))
+    with pytest.raises(ConfigError, match="num_labels"):
+        labeled_indices(labels, 400, label_seed=0)  # 40 per class, only 30 exist
+    with pytest.raises(ConfigError, match="num_labels"):
+        config(num_labels=45)
+
+
+@pytest.mark.parametrize("overrides, name", [({"epochs": 3}, "epochs"), ({"schedule": "step"}, "schedule"),
+                                             ({"mu": 0}, "mu"), ({"threshold": 1.5}, "threshold"),
+                                             ({"backbone": "vgg16"}, "backbone"), ({"dataset": "lfw"}, "dataset")])
+def test_config_refuses_impossible_or_unused_values(overrides, name):
+    with pytest.raises(ConfigError, match=name):
+        config(**overrides)
+
+
+# ------------------------------------------------------------------------------- EMA and schedule
+def test_ema_update_follows_its_formula_and_copies_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.train()(torch.randn(8, 3))  # moves the running statistics
+    ema.update(model)
+    for name, p in model.named_parameters():
+        assert torch.allclose(ema.state_dict()[name], 0.9 * before[name] + 0.1 * p, atol=1e-7)
+    for name, b in model.named_buffers():
+        assert torch.equal(ema.state_dict()[name], b)
+    assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_learning_rate_follows_cos_7_pi_k_over_16_k():
+    assert fixmatch_lr_factor(0, 1000) == 1.0
+    assert fixmatch_lr_factor(500, 1000) == pytest.approx(math.cos(7 * math.pi / 32))
+    assert fixmatch_lr_factor(1000, 1000) == pytest.approx(math.cos(7 * math.pi / 16))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.03)
+    schedule = make_fixmatch_schedule(optimizer, 8)
+    lrs = []
+    for _ in range(9):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == 0.03 and lrs[4] == pytest.approx(0.03 * math.cos(7 * math.pi / 32))
+    assert lrs[8] == pytest.approx(0.03 * math.cos(7 * math.pi / 16))
+
+
+# ----------------------------------------------------------------------------------- training runs
+def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
+    ds = toy_dataset()
+    split = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    cfg = config()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    sizes = []
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = make_fixmatch_schedule(optimizer, 4)
+    batch = FixMatchBatches(split, split, cfg.batch_size, cfg.mu, 0).draw(0, torch.Generator().manual_seed(0))
+    stats = train_step(model, optimizer, schedule, batch, cfg, "test")
+    assert sizes == [8 + 2 * 16] and stats.shape == (5,)
+
+
+def test_training_writes_history_checkpoints_and_leaves_labels_alone(tmp_path):
+    ds = toy_dataset()
+    labels = ds.train_labels.clone()
+    ema_model, history = train_fixmatch(config(), ds, tmp_path, log=lambda *_: None)
+    assert torch.equal(ds.train_labels, labels)
+    assert [r["step"] for r in history] == [3, 6]
+    assert {"lr", "loss_x", "loss_u", "mask_ratio", "pseudo_label_accuracy", "steps_per_s",
+            "ema_test_accuracy"} <= set(history[0])
+    assert history[-1]["ema_test_accuracy"] is not None
+    assert any(r["mask_ratio"] > 0 and r["loss_u"] > 0 for r in history)  # the unlabeled loss took part
+    saved = np.load(tmp_path / "labeled_indices.npz")["labeled"]
+    assert np.array_equal(saved, labeled_indices(ds.train_labels, 20, 0))
+    final = load_checkpoint(tmp_path / "ema.pt")
+    for name, value in ema_model.state_dict().items():
+        assert torch.equal(final["model"][name], value)
+    for name in ("history.json", "history.csv", "last.pt", "metrics.json"):
+        assert (tmp_path / name).exists()
+
+
+def test_supervised_baseline_uses_labeled_images_only(tmp_path):
+    _, history = train_fixmatch(config(supervised_only=True, steps=3), toy_dataset(), tmp_path,
+                                log=lambda *_: None)
+    assert history[-1]["loss_u"] == 0 and history[-1]["mask_ratio"] is None
+
+
+def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path, monkeypatch):
+    import fmnist_core.train as train_module
+    logs = []
+    full_model, full_history = train_fixmatch(config(), toy_dataset(), tmp_path / "full", log=logs.append)
+
+    original = train_module.Checkpointer.save_last
+
+    def save_then_die(self, **state):
+        original(self, **state)
+        if state["step"] == 4:  # mid-way through a history window (log_every 3)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.Checkpointer, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_fixmatch(config(), toy_dataset(), tmp_path / "killed", log=logs.append)
+    monkeypatch.setattr(train_module.Checkpointer, "save_last", original)
+    resumed_model, resumed_history = train_fixmatch(config(), toy_dataset(), tmp_path / "killed", log=logs.append)
+
+    assert any("resuming" in line and "step 4" in line for line in logs)
+    for name, value in full_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in records]
+    assert strip(resumed_history) == strip(full_history)
+
+
+def test_a_changed_config_starts_afresh(tmp_path):
+    train_fixmatch(config(steps=2), toy_dataset(), tmp_path, log=lambda *_: None)
+    logs = []
+    train_fixmatch(config(steps=2, lr=0.01), toy_dataset(), tmp_path, log=logs.append)
+    assert not any("resuming" in line for line in logs)
+
+
+def test_dataset_name_must_match_the_config(tmp_path):
+    with pytest.raises(ConfigError, match="dataset"):
+        train_fixmatch(config(), toy_dataset(name="cifar10"), tmp_path, log=lambda *_: None)
+
+
+def test_cifar10_shaped_data_runs_with_wrn28_2(tmp_path):
+    ds = toy_dataset(n=40, channels=3, size=32, name="cifar10")
+    cfg = config(dataset="cifar10", backbone="wrn28_2", batch_size=2, mu=1, steps=2, num_labels=10,
+                 log_every=1, eval_images=10, eval_batch_size=10)
+    model, history = train_fixmatch(cfg, ds, tmp_path, log=lambda *_: None)
+    assert [r["step"] for r in history] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
