@@ -19,11 +19,13 @@ FixMatch schedule, then the EMA update); only the way the batch is made differs:
     Cutout square, ToTensor, Normalize), two ``DataLoader``\\ s (labeled: B, unlabeled: mu*B) with
     ``--workers`` worker processes each, random sampling with replacement, pinned memory on CUDA.
 
-Each pipeline runs ``--warmup`` untimed steps (worker start-up, allocator, cuDNN autotuning), then
-``--steps`` timed steps; CUDA is synchronised before and after the timed loop. The data are Fashion-MNIST
-(or CIFAR-10 with ``--dataset cifar10``), 40 labels. This is a benchmark, not a test: the numbers depend on
-the machine and its load (the load average is recorded). Workers of (b) prefetch up to two batches each
-during the warm-up, which flatters (b) slightly over a short timed run.
+The ``--steps`` timed steps of each pipeline are split into ``--rounds`` rounds, run alternately (a b, b a,
+a b, ...) so that a change in the machine's load during the run weighs on both alike; every round starts
+with ``--warmup`` untimed steps (worker start-up, allocator, cuDNN autotuning; for (b) they also drain most of
+the batches its workers prefetched, two per worker, while (a) ran), and CUDA is synchronised on both sides of
+the timed steps. The data are Fashion-MNIST (or CIFAR-10 with ``--dataset cifar10``), 40 labels. This is a
+benchmark, not a test: the numbers depend on the machine and its load (the load average is recorded per
+round, and on a shared machine it is the main source of spread).
 """
 from __future__ import annotations
 
@@ -58,8 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=64, help="B, labeled images per step")
     parser.add_argument("--mu", type=int, default=7, help="unlabeled images per labeled image")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per pipeline")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per pipeline, over all rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed round")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="timed rounds per pipeline, alternated a b b a ... so that load drift hits both")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of each DataLoader")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--num-labels", type=int, default=40)
@@ -88,38 +92,54 @@ class Trainer:
         self.ema.update(self.raw)
 
 
-def timed(make_batch, trainer: Trainer, warmup: int, steps: int, device: torch.device) -> dict:
-    """Run ``warmup`` then ``steps`` steps of ``trainer.step(make_batch(i))``; time the latter.
+class Pipeline:
+    """One way of making batches, feeding its own :class:`Trainer`; timed in rounds."""
 
-    ``batch_seconds`` is the part of the timed wall-clock spent inside ``make_batch``: the augmentation for
-    (a) on the CPU (on CUDA only its launch, the kernels run asynchronously), the wait for the workers for (b).
-    """
-    for i in range(warmup):
-        trainer.step(make_batch(i))
-    synchronize(device)
-    load_before, batch_seconds = os.getloadavg()[0], 0.0
-    started = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        tic = time.perf_counter()
-        batch = make_batch(i)
-        batch_seconds += time.perf_counter() - tic
-        trainer.step(batch)
-    synchronize(device)
-    seconds = time.perf_counter() - started
-    return {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4),
-            "batch_seconds": round(batch_seconds, 3),
-            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}}
+    def __init__(self, make_batch, trainer: Trainer, device: torch.device):
+        self.make_batch, self.trainer, self.device = make_batch, trainer, device
+        self.step, self.rounds = 0, []
+
+    def run(self, steps: int) -> float:
+        """``steps`` steps; returns the seconds spent inside ``make_batch``: the augmentation for (a) on the
+        CPU (on CUDA only its launch: the kernels run asynchronously), the wait for the workers for (b)."""
+        batch_seconds = 0.0
+        for _ in range(steps):
+            tic = time.perf_counter()
+            batch = self.make_batch(self.step)
+            batch_seconds += time.perf_counter() - tic
+            self.trainer.step(batch)
+            self.step += 1
+        return batch_seconds
+
+    def timed_round(self, warmup: int, steps: int) -> None:
+        """``warmup`` untimed steps (start-up; for (b) they also drain batches prefetched meanwhile), then
+        ``steps`` timed ones, CUDA synchronised on both sides."""
+        self.run(warmup)
+        synchronize(self.device)
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        batch_seconds = self.run(steps)
+        synchronize(self.device)
+        seconds = time.perf_counter() - started
+        self.rounds.append({"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4),
+                            "batch_seconds": round(batch_seconds, 3),
+                            "load_average_1min": [round(load, 2), round(os.getloadavg()[0], 2)]})
+
+    def summary(self) -> dict:
+        steps, seconds = sum(r["steps"] for r in self.rounds), sum(r["seconds"] for r in self.rounds)
+        return {"steps": steps, "seconds": round(seconds, 3), "steps_per_s": round(steps / seconds, 4),
+                "batch_seconds": round(sum(r["batch_seconds"] for r in self.rounds), 3), "rounds": self.rounds}
 
 
 # ----------------------------------------------------------------------------------- (a) on the device
-def device_pipeline(cfg, ds, labeled_idx, device, args) -> dict:
+def device_pipeline(cfg, ds, labeled_idx, device) -> Pipeline:
     index = torch.as_tensor(labeled_idx, device=device)
     labeled = Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
     unlabeled = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
     batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, SEED)
     generator = torch.Generator(device=device).manual_seed(SEED)
     trainer = Trainer(cfg, ds.image_shape, device)
-    return timed(lambda i: batches.draw(i, generator), trainer, args.warmup, args.steps, device)
+    return Pipeline(lambda i: batches.draw(i, generator), trainer, device)
 
 
 # -------------------------------------------------------------------------------- (b) the DataLoader way
@@ -178,14 +198,14 @@ def loader(dataset, batch_size: int, total: int, args, device) -> torch.utils.da
                                        persistent_workers=args.workers > 0)
 
 
-def dataloader_pipeline(cfg, ds, labeled_idx, device, args) -> dict:
+def dataloader_pipeline(cfg, ds, labeled_idx, device, args) -> Pipeline:
     def as_numpy(images):  # N×C×H×W uint8 -> N×H×W (grey) or N×H×W×C, as PIL wants
         array = images.cpu().numpy().transpose(0, 2, 3, 1)
         return array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array)
 
     images, labels = as_numpy(ds.train_images), ds.train_labels.cpu().numpy()
     weak, two_views = conventional_transforms(ds.image_shape[1], ds.mean, ds.std)
-    total = args.warmup + args.steps + 1
+    total = args.rounds * args.warmup + args.steps + 1  # batches drawn, plus one to spare
     labeled = loader(PILImages(images[labeled_idx], labels[labeled_idx], weak), cfg.batch_size, total, args, device)
     unlabeled = loader(PILImages(images, labels, two_views), cfg.mu * cfg.batch_size, total, args, device)
     labeled_it, unlabeled_it = iter(labeled), iter(unlabeled)
@@ -196,8 +216,7 @@ def dataloader_pipeline(cfg, ds, labeled_idx, device, args) -> dict:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(x), move(y), move(u_weak), move(u_strong), move(u_labels))
 
-    trainer = Trainer(cfg, ds.image_shape, device)
-    return timed(make_batch, trainer, args.warmup, args.steps, device)
+    return Pipeline(make_batch, Trainer(cfg, ds.image_shape, device), device)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -222,16 +241,25 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if not 1 <= args.rounds <= args.steps:
+        raise SystemExit("--rounds must be between 1 and --steps")
     cfg = FixMatchConfig.from_overrides({"backbone": args.backbone, "dataset": args.dataset, "device": args.device,
                                          "dtype": args.dtype, "batch_size": args.batch_size, "mu": args.mu,
-                                         "num_labels": args.num_labels, "steps": args.warmup + args.steps})
+                                         "num_labels": args.num_labels,
+                                         "steps": args.rounds * args.warmup + args.steps})
     ds = load_dataset(args.dataset, device=device)
     labeled_idx = labeled_indices(ds.train_labels, cfg.num_labels, SEED, ds.num_classes)
-    results = {"device_resident": device_pipeline(cfg, ds, labeled_idx, device, args)}
-    print(f"device-resident pipeline: {results['device_resident']['steps_per_s']:.3f} steps/s", flush=True)
-    results["dataloader"] = dataloader_pipeline(cfg, ds, labeled_idx, device, args)
-    print(f"DataLoader pipeline:      {results['dataloader']['steps_per_s']:.3f} steps/s", flush=True)
+    pipelines = {"device_resident": device_pipeline(cfg, ds, labeled_idx, device),
+                 "dataloader": dataloader_pipeline(cfg, ds, labeled_idx, device, args)}
+    per_round = [args.steps // args.rounds + (r < args.steps % args.rounds) for r in range(args.rounds)]
+    for r, steps in enumerate(per_round):
+        for name in (pipelines if r % 2 == 0 else reversed(list(pipelines))):
+            pipelines[name].timed_round(args.warmup, steps)
+            print(f"round {r + 1}, {name}: {pipelines[name].rounds[-1]['steps_per_s']:.3f} steps/s", flush=True)
+    results = {name: p.summary() for name, p in pipelines.items()}
     ratio = results["device_resident"]["steps_per_s"] / results["dataloader"]["steps_per_s"]
+    print(f"device-resident pipeline: {results['device_resident']['steps_per_s']:.3f} steps/s")
+    print(f"DataLoader pipeline:      {results['dataloader']['steps_per_s']:.3f} steps/s")
     print(f"ratio (device-resident / DataLoader): {ratio:.2f}")
     report = {
         "benchmark": "steps/s of one FixMatch training step (forward, loss, SGD step, EMA update) including "

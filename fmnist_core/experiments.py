@@ -7,6 +7,7 @@ from .classify import ClassificationConfig
 from .config import Config, unknown_name_message
 from .errors import ConfigError
 from .explore import DatasetConfig
+from .fixmatch_study import FixMatchStudyConfig
 from .layerwise import LayerwiseConfig
 from .semisup_study import SemiSupStudyConfig
 from .vae import VAEConfig
@@ -41,6 +42,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("semisupervised", "Semi-supervised learning with a VAE", SemiSupStudyConfig,
                _COMMON + ("semisup", "semisup_study", "predict", "vae", "lfw", "classify", "models", "train",
                           "metrics", "embed", "explore")),
+    Experiment("fixmatch", "FixMatch with few labels", FixMatchStudyConfig,
+               _COMMON + ("fixmatch", "fixmatch_study", "randaugment", "classify", "models", "train", "metrics")),
 )}
 
 

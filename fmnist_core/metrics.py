@@ -406,3 +406,20 @@ def measure_throughput(model: torch.nn.Module, image_shape=(1, 28, 28), device="
     seconds = _median_seconds(model, x, repeats, warmup)
     # A clock with coarse resolution could report 0 for a tiny model.
     return batch_size / max(seconds, 1e-9)
+
+
+def summarise_seeds(rows: list[dict], group_keys: tuple, value_keys: tuple) -> list[dict]:
+    """Mean and sample standard deviation (``<key>_std``; 0 for one seed) of ``value_keys`` over the rows
+    that share ``group_keys`` (e.g. model and label count), in first-seen order, with the seed count."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in group_keys), []).append(row)
+    summary = []
+    for key, group in groups.items():
+        entry = {**dict(zip(group_keys, key)), "seeds": len(group)}
+        for name in value_keys:
+            values = np.array([g[name] for g in group], dtype=float)
+            entry[name] = float(values.mean())
+            entry[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary

@@ -102,8 +102,8 @@ def curves(histories: dict, keys=("train_loss", "val_loss", "train_accuracy", "v
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, (name, records) in enumerate(histories.items()):
-            xs = [r[x] for r in records if key in r]
-            ys = [r[key] for r in records if key in r]
+            kept = [r for r in records if r.get(key) is not None]  # None = not measured at that point
+            xs, ys = [r[x] for r in kept], [r[key] for r in kept]
             ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, color=PALETTE[i % 10], label=name)
         ax.set_title(key.replace("_", " ")), ax.set_xlabel(x)
     axes[0, -1].legend(fontsize=7)

@@ -42,4 +42,6 @@ class Report:
 
     def finish(self, metrics: dict, summary: list[dict]) -> Path:
         """Write ``metrics.json``: the run's numbers plus ``summary`` rows for ``fmnist-book results``."""
+        if "summary" in metrics:
+            raise ValueError("'summary' is reserved for the rows of fmnist-book results; name the key otherwise")
         return write_json(self.run_dir / "metrics.json", {**metrics, "summary": summary})

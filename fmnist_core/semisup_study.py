@@ -9,10 +9,12 @@ import numpy as np
 import torch
 
 from . import metrics
+from .classify import Splits, subset
 from .config import param, require
 from .data import ImageDataset
 from .predict import class_probabilities
 from .semisup import SemiSupConfig, load_trained_semisup, semisup_splits, train_semisup
+from .train import Split
 from .vae import to_unit
 
 
@@ -24,6 +26,8 @@ class SemiSupStudyConfig(SemiSupConfig):
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
     focus_labels: int = param(5000, "label count of the confusion matrices, the voting study and the latent space")
     tta_copies: list[int] = param([0, 2, 4, 8, 16], "extra augmented copies compared in the voting study")
+    test_images: int = param(0, "evaluate on a class-balanced test subset of this size, the same for every run; "
+                                "0 = all")
     embed_images: int = param(2000, "test images (class-balanced) in the latent-space picture")
     perplexity: float = param(30.0, "t-SNE perplexity of the latent-space picture")
     n_jobs: int = param(2, "threads for t-SNE")
@@ -35,6 +39,8 @@ class SemiSupStudyConfig(SemiSupConfig):
         require(len(self.seeds) > 0, "seeds", "must list at least one seed")
         require(self.focus_labels in self.label_counts, "focus_labels", "must be one of the label_counts")
         require(all(t >= 0 for t in self.tta_copies), "tta_copies", "must be non-negative")
+        require(self.test_images == 0 or (self.test_images % 10 == 0 and self.test_images <= 10000), "test_images",
+                "must be 0 (all) or a multiple of 10 up to 10,000")
         require(self.embed_images >= 10 and self.embed_images % 10 == 0, "embed_images",
                 "must be a positive multiple of 10")
 
@@ -51,6 +57,12 @@ def run_name(model: str, num_labels: int, seed: int) -> str:
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return float((probs.argmax(1) == labels.cpu()).float().mean())
+
+
+def test_split(cfg: SemiSupStudyConfig, ds: ImageDataset) -> Split:
+    """The test images every run is evaluated on: all, or the same class-balanced subset."""
+    return subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), cfg.test_images, cfg.split_seed,
+                  ds.num_classes)
 
 
 def evaluate_run(out_dir: Path, splits, labeled, tta: int) -> dict:
@@ -75,9 +87,11 @@ def run_study(cfg: SemiSupStudyConfig, ds: ImageDataset, run_dir, log=print) -> 
         for seed in cfg.seeds:
             run_cfg = cfg.run_config(num_labels, seed)
             labeled = semisup_splits(run_cfg, ds).labeled
+            test = test_split(cfg, ds)
             for model in cfg.models:
                 out = Path(run_dir) / "models" / run_name(model, num_labels, seed)
                 _, _, splits, _ = train_semisup(run_cfg, model, ds, out, log)
+                splits = Splits(splits.train, splits.val, test)
                 rows.append({"model": model, "num_labels": num_labels or len(splits.train.labels), "seed": seed,
                              "run": run_name(model, num_labels, seed), **evaluate_run(out, splits, labeled, cfg.tta)})
     return rows
@@ -93,18 +107,8 @@ def voting_study(out_dir: Path, test, copies: list[int]) -> list[dict]:
 
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over seeds per (model, label count)."""
-    groups: dict = {}
-    for row in rows:
-        groups.setdefault((row["model"], row["num_labels"]), []).append(row)
-    summary = []
-    for (model, num_labels), group in groups.items():
-        entry = {"model": model, "num_labels": num_labels, "seeds": len(group)}
-        for key in ("train_accuracy", "val_accuracy", "test_accuracy", "test_accuracy_tta"):
-            values = np.array([g[key] for g in group])
-            entry[key] = float(values.mean())
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        summary.append(entry)
-    return summary
+    return metrics.summarise_seeds(rows, ("model", "num_labels"),
+                                   ("train_accuracy", "val_accuracy", "test_accuracy", "test_accuracy_tta"))
 
 
 def confusion(out_dir: Path, labels) -> list[list[int]]:

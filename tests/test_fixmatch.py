@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 
 from fmnist_core import randaugment as ra
 from fmnist_core.data import ImageDataset
-from fmnist_core.errors import ConfigError
+from fmnist_core.errors import ConfigError, RunError
 from fmnist_core.fixmatch import (EMA, EpochStream, FixMatchBatches, FixMatchConfig, fixmatch_loss,
                                   fixmatch_lr_factor, labeled_indices, make_fixmatch_schedule, train_fixmatch,
                                   train_step)
@@ -260,6 +260,20 @@ def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
     batch = FixMatchBatches(split, split, cfg.batch_size, cfg.mu, 0).draw(0, torch.Generator().manual_seed(0))
     stats = train_step(model, optimizer, schedule, batch, cfg, "test")
     assert sizes == [8 + 2 * 16] and stats.shape == (5,)
+
+
+def test_a_non_finite_loss_stops_before_the_update():
+    ds = toy_dataset()
+    split = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    with torch.no_grad():
+        model[1].bias[0] = float("nan")
+    before = model[1].weight.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = FixMatchBatches(split, split, 8, 2, 0).draw(0, torch.Generator().manual_seed(0))
+    with pytest.raises(RunError, match="step 7"):
+        train_step(model, optimizer, make_fixmatch_schedule(optimizer, 4), batch, config(), "fixmatch, step 7")
+    assert torch.equal(model[1].weight, before)
 
 
 def test_training_writes_history_checkpoints_and_leaves_labels_alone(tmp_path):

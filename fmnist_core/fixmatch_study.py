@@ -1,0 +1,91 @@
+"""The FixMatch chapter's study: FixMatch and its supervised-only baseline at each label count and seed, on the
+same labeled subsets, and the fully supervised ceiling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import metrics
+from .config import param, require
+from .data import ImageDataset
+from .fixmatch import FixMatchConfig, train_fixmatch
+from .errors import FmnistBookError
+from .io import read_json
+
+
+@dataclass
+class FixMatchStudyConfig(FixMatchConfig):
+    """The study: ``label_counts`` × ``seeds`` × {FixMatch, supervised-only}, plus the ceiling."""
+
+    label_counts: list[int] = param([40, 250, 4000], "labeled images per run (seed 004: 40, 250, 4000)")
+    seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
+    ceiling_labels: int = param(60000, "labels of the fully supervised ceiling (0 = no ceiling run)")
+
+    def check(self) -> None:
+        super().check()
+        require(len(self.label_counts) > 0 and all(n >= 10 and n % 10 == 0 for n in self.label_counts),
+                "label_counts", "must list positive multiples of 10")
+        require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        require(self.ceiling_labels >= 0 and self.ceiling_labels % 10 == 0, "ceiling_labels",
+                "must be 0 (none) or a multiple of 10")
+
+    def run_config(self, num_labels: int, seed: int, supervised_only: bool) -> FixMatchConfig:
+        fields = FixMatchConfig.__dataclass_fields__
+        values = {k: v for k, v in self.to_dict().items() if k in fields}
+        return FixMatchConfig.from_overrides(values, {"num_labels": num_labels, "label_seed": seed, "seed": seed,
+                                                      "supervised_only": supervised_only})
+
+
+def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
+    """(method, label count, seed, supervised_only) of every run, the ceiling last."""
+    runs = [(method, n, seed, method == "supervised-only") for n in cfg.label_counts for seed in cfg.seeds
+            for method in ("fixmatch", "supervised-only")]
+    if cfg.ceiling_labels:
+        runs.append(("fully supervised", cfg.ceiling_labels, cfg.seeds[0], True))
+    return runs
+
+
+def run_dir_name(method: str, num_labels: int, seed: int) -> str:
+    return f"{method.replace(' ', '_')}_n{num_labels}_s{seed}"
+
+
+def run_study(cfg: FixMatchStudyConfig, ds: ImageDataset, run_dir, log=print) -> list[dict]:
+    """Train every planned run; one row per run with the final EMA model's test accuracy."""
+    rows = []
+    for method, n, seed, supervised_only in planned_runs(cfg):
+        out = Path(run_dir) / "runs" / run_dir_name(method, n, seed)
+        _, history = train_fixmatch(cfg.run_config(n, seed, supervised_only), ds, out, log)
+        result = read_json(out / "metrics.json")
+        rows.append({"method": method, "num_labels": n, "seed": seed, "run": out.name,
+                     "test_accuracy": result["test_accuracy"], "history": history})
+    return rows
+
+
+def test_confusion(run_path, cfg: FixMatchStudyConfig, ds: ImageDataset) -> list[list[int]]:
+    """Test confusion matrix (counts) of a run's final EMA model, on the images its accuracy was measured on."""
+    from .classify import rebuild, subset
+    from .fixmatch import EVAL_SUBSET_SEED
+    from .train import Split, load_trained
+    model, _ = load_trained(Path(run_path) / "ema.pt", rebuild, ds.test_images.device)
+    test = subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), cfg.eval_images, EVAL_SUBSET_SEED,
+                  ds.num_classes)
+    probs = metrics.predict_proba(model, test.inputs(), cfg.eval_batch_size)
+    return metrics.confusion_matrix(test.labels.cpu().numpy(), probs.argmax(1).numpy(), ds.num_classes).tolist()
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per (method, label count), named ``model`` for the shared accuracy chart."""
+    summary = metrics.summarise_seeds(rows, ("method", "num_labels"), ("test_accuracy",))
+    return [{"model": s.pop("method"), **s} for s in summary]
+
+
+def semisup_results(results_dir, label_counts) -> list[dict]:
+    """The semi-supervised chapter's summary rows at matching label counts, if that chapter has finished."""
+    path = Path(results_dir) / "semisupervised" / "metrics.json"
+    try:
+        summary = read_json(path)["study"] if (path.parent / "env.json").exists() else []
+    except FmnistBookError:
+        return []
+    return [{"model": f"{r['model']} (semi-supervised chapter)", "num_labels": r["num_labels"],
+             "test_accuracy": r["test_accuracy"], "test_accuracy_std": r["test_accuracy_std"], "seeds": r["seeds"]}
+            for r in summary if r["num_labels"] in label_counts]
