@@ -14,13 +14,7 @@ from fmnist_core.embed import embed_pca, embed_tsne
 from fmnist_core.models import build_model, list_models
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on a shared machine, a second intra-op thread mostly waits for a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n_per_class=60, dim=20, distance=10.0, seed=0):

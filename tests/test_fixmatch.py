@@ -19,13 +19,7 @@ from fmnist_core.train import Split
 CLASSES = tuple(f"class {i}" for i in range(10))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: keep each test on one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_dataset(n=100, channels=1, size=28, name="fashion_mnist", seed=0) -> ImageDataset:

@@ -16,24 +16,9 @@ from fmnist_core.errors import FmnistBookError
 from fmnist_core.predict import add_predict_parser, predict
 from fmnist_core.train import TrainConfig, load_trained
 
+from conftest import patterns
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CPU: a second thread costs more in contention than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def patterns(n, seed=0):
-    """Class c (= index mod 10): a bright horizontal band at a class-specific height, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10
-    images = torch.randint(0, 50, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for c in range(10):
-        images[labels == c, :, 2 * c + 2:2 * c + 6] += 200
-    return images, labels
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,33 +13,11 @@ from fmnist_core.errors import ConfigError
 from fmnist_core.io import load_checkpoint
 from fmnist_core.vae import kl_divergence, reconstruction_loss
 
+from conftest import patterns, toy_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {"latent_dim": 8, "branch_channels": (4, 8), "dropout": 0.1, "hidden": 16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CPU: a second thread costs more in contention than it gains."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def patterns(n, seed=0):
-    """Class c (= index mod 10): a bright horizontal band at a class-specific height, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10
-    images = torch.randint(0, 50, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for c in range(10):
-        images[labels == c, :, 2 * c + 2:2 * c + 6] += 200
-    return images, labels
-
-
-def toy_dataset(n_train=200, n_test=20):
-    train, train_labels = patterns(n_train)
-    test, test_labels = patterns(n_test, seed=1)
-    return ImageDataset("toy", train, train_labels, test, test_labels, (0.3,), (0.3,),
-                        tuple(str(c) for c in range(10)))
 
 
 def config(**overrides):

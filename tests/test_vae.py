@@ -13,22 +13,7 @@ from fmnist_core.data import ImageDataset, make_generator
 from fmnist_core.errors import ConfigError, DataError
 from fmnist_core.io import load_checkpoint
 
-
-def patterns(n, size=28, channels=1, seed=0):
-    """Class c (= index mod 10): a bright horizontal band at a class-specific height, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10
-    images = torch.randint(0, 50, (n, channels, size, size), generator=g, dtype=torch.uint8)
-    for c in range(10):
-        images[labels == c, :, 2 * c + 2:2 * c + 6] += 200
-    return images, labels
-
-
-def toy_dataset(n_train=200, n_test=20):
-    train, train_labels = patterns(n_train)
-    test, test_labels = patterns(n_test, seed=1)
-    return ImageDataset("toy", train, train_labels, test, test_labels, (0.3,), (0.3,),
-                        tuple(str(c) for c in range(10)))
+from conftest import patterns, toy_dataset
 
 
 @pytest.mark.parametrize("architecture", ["seed", "deep"])
