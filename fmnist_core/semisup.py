@@ -50,8 +50,10 @@ class SemiSupConfig(TrainConfig):
     """Parameters of the semi-supervised chapter; training fields are shared with :class:`TrainConfig`.
 
     ``class_weight`` is the alpha of Kingma et al. (2014): the weight of the labeled cross-entropy next to
-    the (per-image mean) generative losses. Left at 0 it is their rule ``alpha = 0.1 * N / num_labels``
-    (N = unlabeled images), e.g. 1.1 for 5,000 labels out of 55,000, 550 for 100.
+    the (per-image mean) generative losses. Left at 0 it follows their alpha = 0.1 * N: their objective sums
+    L over the labeled images, U over the N unlabeled ones and alpha * CE over the labeled ones; divided by N,
+    with per-batch means, the cross-entropy's weight next to mean U becomes alpha * num_labels / N =
+    0.1 * num_labels (10 for 100 labels, 500 for 5,000).
     """
 
     epochs: int = param(20, "passes over the unlabeled images (the training split)")
@@ -66,7 +68,7 @@ class SemiSupConfig(TrainConfig):
     dropout: float = param(0.25, "dropout after every encoder convolution and in the classifier")
     kl_weight: float = param(1.0, "weight of the KL term (1 = the ELBO; the source report had no weight)")
     class_weight: float = param(0.0, "alpha, weight of the labeled cross-entropy; 0 = Kingma et al.'s "
-                                     "0.1 * N / num_labels")
+                                     "0.1 * num_labels (their alpha = 0.1 N, per image)")
     unlabeled_ratio: int = param(1, "unlabeled images per labeled image in each step")
     models: list[str] = param(list(SEMISUP_MODELS), "semisup_vae | m2 | encoder_only | cnn")
     tta: int = param(8, "test-time augmentation: average softmax over this many extra shifted/flipped copies")
@@ -366,7 +368,7 @@ def m2_loss(model: M2, x_labeled: torch.Tensor, y_labeled: torch.Tensor, x_unlab
     """Kingma et al.'s J^alpha per image: ``mean L(x, y) + mean U(x) + alpha * mean(-log q(y | x))``.
 
     Means over the labeled and the unlabeled batch (rather than the paper's sums over the data sets),
-    hence the rule alpha = 0.1 * N / num_labels. Returns ``loss``, ``labeled``, ``unlabeled`` (0 without
+    hence the per-image weight 0.1 * num_labels for their alpha = 0.1 N (see :func:`resolve_class_weight`). Returns ``loss``, ``labeled``, ``unlabeled`` (0 without
     unlabeled images) and ``classification``.
     """
     labeled = m2_labeled_bound(model, x_labeled, y_labeled, generator, kl_weight, recon_kind).mean()
@@ -379,8 +381,13 @@ def m2_loss(model: M2, x_labeled: torch.Tensor, y_labeled: torch.Tensor, x_unlab
 
 
 def resolve_class_weight(cfg: SemiSupConfig, num_unlabeled: int, num_labeled: int) -> float:
-    """``cfg.class_weight``, or Kingma et al.'s ``0.1 * N / num_labels`` when it is 0."""
-    return cfg.class_weight if cfg.class_weight > 0 else 0.1 * num_unlabeled / num_labeled
+    """``cfg.class_weight``, or Kingma et al.'s alpha = 0.1 N expressed per image when it is 0.
+
+    Their J = sum_labeled L + sum_unlabeled U + alpha sum_labeled CE; divided by the N unlabeled images and
+    written with batch means, the weight of mean CE next to mean U is alpha * num_labeled / N = 0.1 * num_labeled.
+    """
+    alpha = 0.1 * num_unlabeled
+    return cfg.class_weight if cfg.class_weight > 0 else alpha * num_labeled / num_unlabeled
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -159,7 +159,8 @@ def test_labeled_subset_is_balanced_reproducible_and_inside_the_training_split()
 
 
 def test_class_weight_rule_of_kingma_et_al():
-    assert semisup.resolve_class_weight(config(), 55000, 100) == pytest.approx(55.0)
+    assert semisup.resolve_class_weight(config(), 55000, 100) == pytest.approx(10.0)
+    assert semisup.resolve_class_weight(config(), 55000, 5000) == pytest.approx(500.0)
     assert semisup.resolve_class_weight(config(class_weight=2.0), 55000, 100) == 2.0
 
 
