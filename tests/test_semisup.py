@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist_core import semisup
-from fmnist_core.data import ImageDataset, make_generator
+from fmnist_core.data import make_generator
 from fmnist_core.errors import ConfigError
 from fmnist_core.io import load_checkpoint
 from fmnist_core.vae import kl_divergence, reconstruction_loss

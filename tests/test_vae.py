@@ -9,7 +9,7 @@ import torch
 from sklearn.utils import Bunch
 
 from fmnist_core import lfw, vae
-from fmnist_core.data import ImageDataset, make_generator
+from fmnist_core.data import make_generator
 from fmnist_core.errors import ConfigError, DataError
 from fmnist_core.io import load_checkpoint
 
