@@ -5,6 +5,7 @@ a chapter whose run failed becomes a page that says what failed and how to re-ru
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
     run_dir = results_dir / profile / name
     failure = failure_path(run_dir)
     if finished_key(run_dir) and not failure.exists():
-        shutil.copyfile(run_dir / f"{name}.ipynb", source / f"{name}.ipynb")
+        write_bytes_atomic(source / f"{name}.ipynb", _fold_parameters(run_dir / f"{name}.ipynb").encode())
         return True
     if failure.exists():
         info = read_json(failure)
@@ -59,6 +60,16 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
             f"{reason}\nRe-run it with\n\n```bash\n{rerun}\nfmnist-book build --profile {profile}\n```\n")
     write_bytes_atomic(source / f"{name}.md", page.encode())
     return False
+
+
+def _fold_parameters(notebook: Path) -> str:
+    """The executed notebook with papermill's injected-parameters cell folded away (it stays readable)."""
+    nb = json.loads(notebook.read_text())
+    for cell in nb["cells"]:
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
+    return json.dumps(nb)
 
 
 def _fill(text: str, profile: str, results_dir: Path) -> str:
