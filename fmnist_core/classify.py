@@ -59,11 +59,9 @@ class ClassificationConfig(TrainConfig):
 
     def model_config(self, name: str) -> TrainConfig:
         """The training parameters of one model: the shared ones updated by its overrides."""
-        shared = {k: v for k, v in self.to_dict().items() if k in TrainConfig.__dataclass_fields__}
         if not isinstance(self.model_overrides.get(name, {}), dict):
             raise ConfigError(f"parameter 'model_overrides': entry {name!r} must be a mapping")
-        return TrainConfig.from_overrides(shared, self.model_overrides.get(name, {}),
-                                          where=f"model_overrides.{name}")
+        return self.narrow(TrainConfig, self.model_overrides.get(name, {}), where=f"model_overrides.{name}")
 
     def sgd_config(self) -> TrainConfig:
         """Seed 003's optimiser: SGD with momentum 0.9, step schedule, on the ``sgd_model``'s budget."""

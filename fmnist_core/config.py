@@ -83,6 +83,13 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def narrow(self, target: type, *layers: dict, where: str = "parameters"):
+        """This config's values of the fields ``target`` has (a parent class, say), updated by ``layers``,
+        validated as a ``target``: how a study derives the configuration of one of its runs."""
+        names = {f.name for f in dataclasses.fields(target)}
+        shared = {k: v for k, v in self.to_dict().items() if k in names}
+        return target.from_overrides(shared, *layers, where=where)
+
     @classmethod
     def describe(cls) -> list[tuple[str, str, object, str]]:
         """(name, type, default, help) for every parameter, for ``fmnist-book list``."""

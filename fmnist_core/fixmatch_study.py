@@ -30,10 +30,9 @@ class FixMatchStudyConfig(FixMatchConfig):
                 "must be 0 (none) or a multiple of 10")
 
     def run_config(self, num_labels: int, seed: int, supervised_only: bool) -> FixMatchConfig:
-        fields = FixMatchConfig.__dataclass_fields__
-        values = {k: v for k, v in self.to_dict().items() if k in fields}
-        return FixMatchConfig.from_overrides(values, {"num_labels": num_labels, "label_seed": seed, "seed": seed,
-                                                      "supervised_only": supervised_only})
+        """The configuration of one run of the study."""
+        return self.narrow(FixMatchConfig, {"num_labels": num_labels, "label_seed": seed, "seed": seed,
+                                            "supervised_only": supervised_only})
 
 
 def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:

@@ -523,8 +523,7 @@ def _train_generative(cfg: SemiSupConfig, model_name: str, ds: ImageDataset, dat
 def _train_cnn(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir, log):
     """``mycnn`` with :func:`fmnist_core.train.fit` on the labeled subset, tiled to the same number of
     steps per epoch as the other models."""
-    shared = {k: v for k, v in cfg.to_dict().items() if k in TrainConfig.__dataclass_fields__}
-    tcfg = TrainConfig.from_overrides(shared, {"train_images": 0})
+    tcfg = cfg.narrow(TrainConfig, {"train_images": 0})
     n = steps_per_epoch(cfg, len(data.splits.train.labels)) * cfg.batch_size
     tile = torch.arange(n, device=data.labeled.labels.device) % len(data.labeled.labels)
     labeled = Split(data.labeled.images[tile], data.labeled.labels[tile], ds.mean, ds.std)

@@ -1,7 +1,6 @@
 """The semi-supervised chapter's study: every model at every label count and seed, on the same labeled subsets."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +45,7 @@ class SemiSupStudyConfig(SemiSupConfig):
 
     def run_config(self, num_labels: int, seed: int) -> SemiSupConfig:
         """The configuration of one run of the study."""
-        fields = {f.name for f in dataclasses.fields(SemiSupConfig)}
-        values = {k: v for k, v in self.to_dict().items() if k in fields}
-        return SemiSupConfig.from_overrides(values, {"num_labels": num_labels, "label_seed": seed, "seed": seed})
+        return self.narrow(SemiSupConfig, {"num_labels": num_labels, "label_seed": seed, "seed": seed})
 
 
 def run_name(model: str, num_labels: int, seed: int) -> str:
