@@ -46,6 +46,7 @@ from fmnist_core.data import load_dataset  # noqa: E402
 from fmnist_core.fixmatch import (EMA, Batch, FixMatchBatches, FixMatchConfig, labeled_indices,  # noqa: E402
                                   make_fixmatch_schedule, train_step, weak_pad)
 from fmnist_core.io import write_json  # noqa: E402
+from fmnist_core.metrics import cpu_description  # noqa: E402
 from fmnist_core.models import build_model  # noqa: E402
 from fmnist_core.train import Split, make_optimizer, prepare_model, resolve_device  # noqa: E402
 
@@ -227,16 +228,6 @@ def versions() -> dict:
             "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -267,7 +258,7 @@ def main(argv=None) -> dict:
         "images_per_step": {"labeled": args.batch_size, "unlabeled": args.mu * args.batch_size,
                             "forward": args.batch_size * (1 + 2 * args.mu)},
         **results, "ratio": round(ratio, 3),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description(),
         "device_type": device.type, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "dataloader_workers": {"per_loader": args.workers, "loaders": 2},
         "args": vars(args) | {"out": str(Path(args.out).relative_to(ROOT)) if Path(args.out).is_relative_to(ROOT)

@@ -38,6 +38,7 @@ from fmnist_core.activations import capture_activations, embedding_trustworthine
 from fmnist_core.data import balanced_subset, load_fashion_mnist, normalize  # noqa: E402
 from fmnist_core.embed import embed_tsne  # noqa: E402
 from fmnist_core.io import write_json  # noqa: E402
+from fmnist_core.metrics import cpu_description  # noqa: E402
 from fmnist_core.models import build_model  # noqa: E402
 
 PERPLEXITY = 30.0
@@ -75,15 +76,6 @@ def timed(fn, *args):
     result = fn(*args)
     return result, time.perf_counter() - started
 
-
-def cpu_description() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

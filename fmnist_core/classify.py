@@ -133,7 +133,7 @@ def evaluate_model(out_dir: Path, splits: Splits, ds: ImageDataset, tta: int = 0
     device = splits.test.images.device
     model, state = load_trained(Path(out_dir) / "best.pt", rebuild, device)
     probs = metrics.predict_proba(model, splits.test.inputs(), batch_size=batch_size, tta=tta,
-                                  augment=tta_augment(ds) if tta else None)
+                                  augment=tta_augment(ds.mean, ds.std) if tta else None)
     labels = splits.test.labels.cpu().numpy()
     summary = metrics.classification_summary(labels, probs.numpy(), ds.class_names)
     summary.update(parameters=count_parameters(model), best_epoch=int(state["epoch"]),
@@ -145,9 +145,9 @@ def evaluate_model(out_dir: Path, splits: Splits, ds: ImageDataset, tta: int = 0
     return summary
 
 
-def tta_augment(ds: ImageDataset):
-    """Weak augmentation of *normalised* images whose padding is black, as in training."""
-    black = normalize(torch.zeros(1, ds.image_shape[0], 1, 1, dtype=torch.uint8), ds.mean, ds.std)
+def tta_augment(mean, std):
+    """Weak augmentation of images normalised with ``mean``/``std`` whose padding is black, as in training."""
+    black = normalize(torch.zeros(1, len(mean), 1, 1, dtype=torch.uint8), mean, std)
 
     def augment(inputs, generator):
         shift = black.to(inputs.device)

@@ -423,3 +423,16 @@ def summarise_seeds(rows: list[dict], group_keys: tuple, value_keys: tuple) -> l
             entry[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         summary.append(entry)
     return summary
+
+
+def cpu_description() -> str:
+    """The processor's model name (Linux ``/proc/cpuinfo``), for benchmark records."""
+    import platform
+    from pathlib import Path
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

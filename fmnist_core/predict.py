@@ -20,7 +20,6 @@ import csv
 import io
 import pickle
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -87,10 +86,8 @@ def class_probabilities(model: torch.nn.Module, config: dict, images: torch.Tens
     shape = (1, -1, 1, 1)
     mean = torch.tensor(config["mean"], device=images.device).view(shape)
     std = torch.tensor(config["std"], device=images.device).view(shape)
-    # classify.tta_augment only reads these three fields of a dataset: its padding stays black.
-    stats = SimpleNamespace(image_shape=tuple(images.shape[1:]), mean=tuple(config["mean"]), std=tuple(config["std"]))
     return metrics.predict_proba(model, (images - mean) / std, batch_size, tta,
-                                 classify.tta_augment(stats) if tta else None)
+                                 classify.tta_augment(config["mean"], config["std"]) if tta else None)
 
 
 # ------------------------------------------------------------------------------------------ the input

@@ -144,7 +144,7 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
 
 def _execute(experiment, profile, params, key, final, overrides, data_dir, force, log) -> RunResult:
     partial = final.with_name(final.name + ".partial")
-    if force or finished_key(partial) not in (None, key) or _partial_key(partial) not in (None, key):
+    if force or _partial_key(partial) not in (None, key):
         shutil.rmtree(partial, ignore_errors=True)  # checkpoints of other parameters must not be resumed
     partial.mkdir(parents=True, exist_ok=True)
     write_json(partial / "run.json", {"key": key, "params": params})
