@@ -80,6 +80,13 @@ def _fill(text: str, profile: str, results_dir: Path) -> str:
             .replace("{{appendix}}", table))
 
 
+NUMERICS = {
+    "cpu": "CPU (bit-identical on a re-run with the same thread count)",
+    "speed": "CUDA, speed mode (cuDNN benchmark; re-runs agree to within a tolerance, not bit for bit)",
+    "deterministic": "CUDA, deterministic mode (deterministic algorithms, fixed cuBLAS workspace, no cuDNN benchmark)",
+}
+
+
 def appendix_table(profile: str, results_dir: Path) -> str:
     """Per experiment: command, parameters hash, seed, device, versions, commit and wall time."""
     blocks = []
@@ -93,7 +100,8 @@ def appendix_table(profile: str, results_dir: Path) -> str:
         blocks.append(
             f"## {EXPERIMENTS[name].title} (`{name}`)\n\n"
             f"- command: `{env['command']}`\n- parameters hash (run key): `{env['key'][:16]}`\n"
-            f"- seed: {env['seed']}\n- device: {env['device']}\n- Python {env['python']}; {versions}\n"
+            f"- seed(s): {env['seed']}\n- device: {env['device']}; numerics: {NUMERICS.get(env.get('numerics'), 'not recorded')}\n"
+            f"- Python {env['python']}; {versions}\n"
             f"- commit: `{env['git_commit']}`\n- wall time: {env['wall_seconds']} s; finished {env['finished_at']}\n\n"
             f"| parameter | value |\n|---|---|\n{params}\n")
     return "\n".join(blocks) or "No experiment of this profile has finished yet."

@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     results = sub.add_parser("results", help="print the key metrics of every finished run")
     results.add_argument("--profile", default=DEFAULT_PROFILE)
 
+    status = sub.add_parser("status", help="say which experiments of a profile are up to date, and why not")
+    status.add_argument("--profile", default=DEFAULT_PROFILE)
+
+    verify = sub.add_parser("verify", help="re-run finished runs from their records and compare their metrics")
+    verify.add_argument("run_dir", type=Path, help="results/<profile>/<experiment>, or results/<profile> for all")
+    verify.add_argument("--keep", action="store_true", help="keep the re-run's folder (beside the run)")
+
     sub.add_parser("list", help="list experiments, their parameters and the profiles")
     sub.add_parser("data", help="find (or download) Fashion-MNIST, verify it, and say where it is")
     from .predict import add_predict_parser
@@ -76,6 +83,26 @@ def cmd_results(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from .runner import run_states
+    for experiment, state in run_states(args.profile, args.results_dir):
+        print(f"{experiment:<16} {state}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Exit status 0 when every run reproduced, 1 when one did not."""
+    from .verify import finished_runs, format_comparison, verify_run
+    results = []
+    for run_dir in finished_runs(args.run_dir):
+        results.append(verify_run(run_dir, args.data_dir, args.keep))
+        print(format_comparison(results[-1]), flush=True)
+    failed = [r.experiment for r in results if not r.reproduced]
+    if failed:
+        print(f"error: not reproduced: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_list(args) -> int:
     from .experiments import EXPERIMENTS
     from .runner import load_profiles
@@ -103,8 +130,8 @@ def cmd_predict(args) -> int:
     return predict_command(args)
 
 
-COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "list": cmd_list, "data": cmd_data,
-            "predict": cmd_predict}
+COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "status": cmd_status,
+            "verify": cmd_verify, "list": cmd_list, "data": cmd_data, "predict": cmd_predict}
 
 
 def main(argv=None) -> int:

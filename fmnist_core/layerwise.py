@@ -14,7 +14,7 @@ from .classify import rebuild
 from .config import Config, param, require
 from .data import balanced_subset, load_dataset, normalize
 from .errors import RunError
-from .train import load_trained, resolve_device
+from .train import configure_numerics, load_trained, resolve_device
 
 
 @dataclass
@@ -31,6 +31,7 @@ class LayerwiseConfig(Config):
     seed: int = param(0, "seed of the image choice, the untrained weights, PCA, t-SNE and the k-NN folds")
     n_jobs: int = param(2, "threads for t-SNE")
     device: str = param("auto", "auto | cpu | cuda (for the forward passes)")
+    deterministic: bool = param(False, "CUDA: deterministic kernels (see fmnist_core.train.configure_numerics)")
 
     def check(self) -> None:
         require(len(self.models) > 0, "models", "must name at least one model")
@@ -83,6 +84,7 @@ def analyse(cfg: LayerwiseConfig, results_dir, data_dir=None, log=print) -> dict
         with run names ``<model>`` and ``<model> (untrained)``.
     """
     device = resolve_device(cfg.device)
+    configure_numerics(device, cfg.deterministic)
     images, labels, class_names = probe_images(cfg, data_dir, device)
     runs = {}
     for name in cfg.models:

@@ -7,6 +7,8 @@ from pathlib import Path
 from . import plots
 from .io import write_json
 
+METRICS_FILE, TIMINGS_FILE = "metrics.json", "timings.json"
+
 
 class Report:
     """The results folder of one run, seen from its notebook.
@@ -40,8 +42,15 @@ class Report:
         glue(name, value, display=display)
         return value
 
-    def finish(self, metrics: dict, summary: list[dict]) -> Path:
-        """Write ``metrics.json``: the run's numbers plus ``summary`` rows for ``fmnist-book results``."""
+    def finish(self, metrics: dict, summary: list[dict], timings: dict | None = None) -> Path:
+        """Write ``metrics.json``: the run's numbers plus ``summary`` rows for ``fmnist-book results``.
+
+        Wall-clock figures (seconds, latency, throughput) go in ``timings``, written to ``timings.json`` and
+        keyed by the ``run`` of a summary row: they differ between identical runs, so ``metrics.json`` holds
+        only what a re-run with the same seed reproduces bit for bit (``fmnist-book verify`` checks it).
+        """
         if "summary" in metrics:
             raise ValueError("'summary' is reserved for the rows of fmnist-book results; name the key otherwise")
-        return write_json(self.run_dir / "metrics.json", {**metrics, "summary": summary})
+        if timings is not None:
+            write_json(self.run_dir / TIMINGS_FILE, timings)
+        return write_json(self.run_dir / METRICS_FILE, {**metrics, "summary": summary})

@@ -73,15 +73,36 @@ def _sha256(*chunks: bytes) -> str:
     return digest.hexdigest()
 
 
-def run_key(experiment: str, profile: str, params: dict, results_dir: Path) -> str:
-    """Hash of what determines a run's results: parameters, notebook, used sources, upstream keys."""
+def key_parts(experiment: str, profile: str, params: dict, results_dir: Path) -> dict:
+    """What determines a run's results, each part hashed: parameters, notebook, used sources, upstream keys."""
     exp = get_experiment(experiment)
-    package = Path(__file__).parent
-    sources = [(package / f"{m}.py").read_bytes() for m in sorted(exp.modules)]
-    upstream = [finished_key(results_dir / profile / dep) or "missing" for dep in exp.requires]
-    spec = json.dumps({"experiment": experiment, "profile": profile, "params": params, "upstream": upstream},
-                      sort_keys=True).encode()
-    return _sha256(spec, notebook_path(experiment).read_bytes(), *sources)
+    return {"experiment": experiment, "profile": profile,
+            "parameters": _sha256(json.dumps(params, sort_keys=True).encode()),
+            "notebook": _sha256(notebook_path(experiment).read_bytes()),
+            "sources": {f"fmnist_core/{m}.py": _sha256(module_source(m)) for m in sorted(exp.modules)},
+            "upstream": {dep: finished_key(Path(results_dir) / profile / dep) or "missing" for dep in exp.requires}}
+
+
+def module_source(module: str) -> bytes:
+    return (Path(__file__).parent / f"{module}.py").read_bytes()
+
+
+def run_key(experiment: str, profile: str, params: dict, results_dir: Path) -> str:
+    """The cache key of a run: the hash of its :func:`key_parts`."""
+    return key_of(key_parts(experiment, profile, params, results_dir))
+
+
+def key_of(parts: dict) -> str:
+    return _sha256(json.dumps(parts, sort_keys=True).encode())
+
+
+def changed_parts(old: dict, new: dict) -> list[str]:
+    """Names of the parts that differ between two :func:`key_parts` (e.g. ``fmnist_core/vae.py``)."""
+    changed = [part for part in ("experiment", "profile", "parameters", "notebook") if old.get(part) != new.get(part)]
+    for group, label in (("sources", "{}"), ("upstream", "upstream run {}")):
+        names = old.get(group, {}).keys() | new.get(group, {}).keys()
+        changed += [label.format(n) for n in sorted(names) if old.get(group, {}).get(n) != new.get(group, {}).get(n)]
+    return changed
 
 
 def finished_key(run_dir: Path) -> str | None:
@@ -132,17 +153,19 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
     params = resolve_params(experiment, profile, overrides)
     final = results_dir / profile / experiment
     with run_lock(results_dir, profile, experiment):
-        key = run_key(experiment, profile, params, results_dir)
+        parts = key_parts(experiment, profile, params, results_dir)
+        key = key_of(parts)
         if not force and finished_key(final) == key and not failure_path(final).exists():
             log(f"{experiment} [{profile}]: up to date ({final})")
             return RunResult(experiment, "cached", final)
         missing = [d for d in get_experiment(experiment).requires if finished_key(results_dir / profile / d) is None]
         if missing:
             return _record_failure(final, experiment, profile, f"needs the finished run(s) {', '.join(missing)} first")
-        return _execute(experiment, profile, params, key, final, overrides, data_dir, force, log)
+        return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log)
 
 
-def _execute(experiment, profile, params, key, final, overrides, data_dir, force, log) -> RunResult:
+def _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log) -> RunResult:
+    key = key_of(parts)
     partial = final.with_name(final.name + ".partial")
     if force or _partial_key(partial) not in (None, key):
         shutil.rmtree(partial, ignore_errors=True)  # checkpoints of other parameters must not be resumed
@@ -157,7 +180,7 @@ def _execute(experiment, profile, params, key, final, overrides, data_dir, force
     except Exception as err:  # a failed chapter is reported, the others still run
         return _record_failure(final, experiment, profile, _describe(err), time.perf_counter() - started)
     seconds = time.perf_counter() - started
-    write_json(partial / "env.json", environment_record(experiment, profile, params, key, seconds, overrides))
+    write_json(partial / "env.json", environment_record(experiment, profile, params, parts, seconds, overrides))
     _swap_into_place(partial, final)
     log(f"{experiment} [{profile}]: done in {seconds:.0f} s -> {final}")
     return RunResult(experiment, "done", final, seconds)
@@ -210,23 +233,33 @@ def _swap_into_place(partial: Path, final: Path) -> None:
     failure_path(final).unlink(missing_ok=True)
 
 
-def environment_record(experiment, profile, params, key, seconds, overrides) -> dict:
-    """Versions, commit, device and timing of a run: what the reproducibility appendix shows."""
+def environment_record(experiment, profile, params, parts, seconds, overrides) -> dict:
+    """Versions, commit, device, numerics and timing of a run: what the appendix and ``verify`` read."""
     import torch
+    from importlib.metadata import PackageNotFoundError, version
     versions = {}
     for package in ("torch", "torchvision", "numpy", "scikit-learn", "openTSNE", "papermill", "jupyter-book"):
         try:
-            from importlib.metadata import version
             versions[package] = version(package)
-        except Exception:
+        except PackageNotFoundError:
             versions[package] = None
     cli = " ".join(f"-p {k} {json.dumps(v)!r}" for k, v in (overrides or {}).items())
-    return {"experiment": experiment, "profile": profile, "key": key, "params": params, "seed": params.get("seed"),
-            "python": platform.python_version(), "versions": versions, "git_commit": git_commit(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, "
-            f"{os.cpu_count()} cores)", "wall_seconds": round(seconds, 1),
+    on_cuda = params.get("device", "auto") != "cpu" and torch.cuda.is_available()
+    return {"experiment": experiment, "profile": profile, "key": key_of(parts), "key_parts": parts, "params": params,
+            "seed": params.get("seeds", params.get("seed")), "python": platform.python_version(),
+            "versions": versions, "git_commit": git_commit(),
+            "device": torch.cuda.get_device_name() if on_cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+            "numerics": numerics_mode(on_cuda, bool(params.get("deterministic"))),
+            "torch_threads": torch.get_num_threads(), "wall_seconds": round(seconds, 1),
             "command": f"fmnist-book run {experiment} --profile {profile} {cli}".strip(),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def numerics_mode(on_cuda: bool, deterministic: bool) -> str:
+    """How exactly a run's numbers repeat: the mode of :func:`fmnist_core.train.configure_numerics`."""
+    if not on_cuda:
+        return "cpu"
+    return "deterministic" if deterministic else "speed"
 
 
 def git_commit() -> str | None:
@@ -239,6 +272,28 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit + ("-dirty" if dirty else "")) or None
+
+
+def run_states(profile: str, results_dir: Path = DEFAULT_RESULTS) -> list[tuple[str, str]]:
+    """``(experiment, state)`` for every experiment of ``profile``: whether ``build`` would run it, and why."""
+    results_dir, states = Path(results_dir).resolve(), {}
+    for experiment in profile_experiments(profile):
+        final = results_dir / profile / experiment
+        parts = key_parts(experiment, profile, resolve_params(experiment, profile), results_dir)
+        stale_upstream = [d for d in get_experiment(experiment).requires if not states.get(d, "up to date").startswith("up to date")]
+        if failure_path(final).exists():
+            states[experiment] = f"failed: {read_json(failure_path(final)).get('error', '')}"
+        elif finished_key(final) is None:
+            waiting = final.with_name(final.name + ".partial").exists()
+            states[experiment] = "not run" + (" (an interrupted run waits to be resumed)" if waiting else "")
+        elif finished_key(final) != key_of(parts):
+            old = read_json(final / "env.json").get("key_parts", {})
+            states[experiment] = f"out of date: changed {', '.join(changed_parts(old, parts)) or 'run key'}"
+        elif stale_upstream:
+            states[experiment] = f"out of date: re-runs after {', '.join(stale_upstream)}"
+        else:
+            states[experiment] = "up to date"
+    return list(states.items())
 
 
 def profile_experiments(profile: str) -> list[str]:
@@ -262,7 +317,8 @@ def run_profile(profile: str, force: bool = False, results_dir: Path = DEFAULT_R
 
 
 def results_table(profile: str, results_dir: Path = DEFAULT_RESULTS) -> str:
-    """A text table of the ``summary`` rows of every finished run of ``profile`` (read from results files)."""
+    """A text table of the ``summary`` rows of every finished run of ``profile`` (read from results files),
+    with the wall-clock figures of ``timings.json`` appended to the rows they belong to."""
     rows, notes = [], []
     for experiment in profile_experiments(profile):
         run_dir = Path(results_dir) / profile / experiment
@@ -271,7 +327,9 @@ def results_table(profile: str, results_dir: Path = DEFAULT_RESULTS) -> str:
         elif finished_key(run_dir) is None:
             notes.append(f"{experiment}: not run")
         else:
-            rows += [{"experiment": experiment, **row} for row in read_json(run_dir / "metrics.json")["summary"]]
+            timings = read_json(run_dir / "timings.json") if (run_dir / "timings.json").exists() else {}
+            rows += [{"experiment": experiment, **row, **timings.get(row.get("run"), {})}
+                     for row in read_json(run_dir / "metrics.json")["summary"]]
     return "\n".join(filter(None, [format_table(rows)] + notes)) or f"no runs for profile '{profile}'"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class TrainConfig(Config):
     compile: bool = param(False, "torch.compile the model (CUDA only)")
     channels_last: bool = param(True, "channels-last memory format on CUDA")
     eval_batch_size: int = param(256, "images per evaluation batch")
+    deterministic: bool = param(False, "CUDA: deterministic algorithms, fixed cuBLAS workspace, no cuDNN "
+                                       "benchmark (slower, bit-reproducible); off = speed (CPU runs are exact)")
 
     def check(self) -> None:
         require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
@@ -69,6 +72,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def configure_numerics(device: torch.device, deterministic: bool) -> str:
+    """Set PyTorch's determinism switches for ``device``; returns the mode a results record states.
+
+    On CUDA, ``deterministic`` turns on deterministic algorithms (an op without a deterministic kernel then
+    raises instead of varying silently), cuBLAS's fixed ``:4096:8`` workspace and cuDNN's deterministic,
+    non-benchmarked convolutions; otherwise cuDNN benchmarks and picks the fastest kernels ("speed").
+    The cuBLAS setting only takes effect if made before the process's first CUDA matrix product, which is
+    why the training loops call this before building their optimiser. On the CPU, a run is bit-reproducible
+    for a fixed thread count either way ("cpu").
+    """
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    return "deterministic" if deterministic else "speed"
+
+
 def autocast_context(device: torch.device, dtype: str):
     """bf16 autocast on CUDA when asked for; full precision otherwise (CPU autocast is slower here)."""
     if device.type == "cuda" and dtype == "bfloat16":
@@ -77,7 +100,9 @@ def autocast_context(device: torch.device, dtype: str):
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """Move to the device; channels-last and ``torch.compile`` on CUDA. Returns (raw, runnable) models."""
+    """Move to the device; channels-last and ``torch.compile`` on CUDA; the determinism switches of
+    ``cfg.deterministic`` (:func:`configure_numerics`). Returns (raw, runnable) models."""
+    configure_numerics(device, cfg.deterministic)
     model = model.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

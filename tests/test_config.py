@@ -26,7 +26,7 @@ def test_later_layers_win():
     ({"optimizer": "adamw"}, "did you mean 'adam'"),
     ({"models": ["lenet"]}, "unknown model 'lenet'"),
     ({"models": "lenet_avg"}, "'models' must be list"),
-    ({"model_overrides": {"vgg16": {"epochs": 1}}, "models": ["mlp"], "sgd_model": ""}, "not among the models"),
+    ({"model_overrides": {"vgg61": {"epochs": 1}}, "models": ["mlp"], "sgd_model": ""}, "unknown model 'vgg61'"),
     ({"model_overrides": {"mlp": {"epochs": -2}}, "models": ["mlp"], "sgd_model": ""}, "'epochs' must be at least 1"),
     ({"val_size": 15}, "'val_size'"),
     ({"test_images": 20000}, "'test_images'"),

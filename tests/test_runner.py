@@ -82,7 +82,8 @@ def test_results_table_reads_summary_rows(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "env.json").write_text(json.dumps({"key": "k"}))
     (run_dir / "metrics.json").write_text(json.dumps({"summary": [
-        {"run": "lenet_avg", "accuracy": 0.8912, "parameters": 61706, "train_s": 35.04}]}))
+        {"run": "lenet_avg", "accuracy": 0.8912, "parameters": 61706}]}))
+    (run_dir / "timings.json").write_text(json.dumps({"lenet_avg": {"train_s": 35.04}}))
     table = runner.results_table("smoke", tmp_path)
     assert "lenet_avg" in table and "0.8912" in table and "61,706" in table and "35.0" in table
     assert "dataset: not run" in table
