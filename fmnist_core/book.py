@@ -64,7 +64,7 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
 
 def _fold_parameters(notebook: Path) -> str:
     """The executed notebook with papermill's injected-parameters cell folded away (it stays readable)."""
-    nb = json.loads(notebook.read_text())
+    nb = read_json(notebook)
     for cell in nb["cells"]:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
         if "injected-parameters" in tags and "hide-cell" not in tags:

@@ -201,7 +201,9 @@ def _papermill(experiment, profile, params, run_dir: Path, results_dir: Path, da
     papermill.execute_notebook(
         str(notebook_path(experiment)), str(run_dir / f"{experiment}.ipynb"),
         parameters={"profile": profile, "params": params, "run_dir": str(run_dir), "results_dir": str(results_dir)},
-        kernel_name="python3", progress_bar=sys.stderr.isatty(), cwd=str(run_dir), log_output=False)
+        kernel_name="python3", progress_bar=sys.stderr.isatty(), cwd=str(run_dir), log_output=False,
+        # The kernel's own start-up chatter (a local TCP kernel) is not the notebook's; errors still show.
+        extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
 def _describe(err: Exception) -> str:

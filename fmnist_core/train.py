@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .config import Config, param, require, require_choice
 from .data import batch_indices, make_generator, normalize, weak_augment
-from .errors import RunError
+from .errors import FmnistBookError, RunError
 from .io import load_checkpoint, save_checkpoint, write_bytes_atomic, write_json
 
 
@@ -196,7 +196,10 @@ class Checkpointer:
         """The last checkpoint if it was made with the same configuration, else ``None`` (start afresh)."""
         if not self.last_path.exists():
             return None
-        state = load_checkpoint(self.last_path)
+        try:
+            state = load_checkpoint(self.last_path)
+        except FmnistBookError as err:
+            raise RunError(f"{err}; delete it to train this model afresh (or re-run with --force)") from None
         return state if state.get("config") == self.config else None
 
     def save_last(self, **state) -> None:
@@ -254,11 +257,11 @@ def train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, gen
         with autocast_context(device, cfg.dtype):
             logits = model(normalize(images, split.mean, split.std))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        total_loss += check_finite(loss, f"{where}, step {step}") * len(labels)  # before a NaN update
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += check_finite(loss, f"{where}, step {step}") * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         seen += len(labels)
     return {"loss": total_loss / seen, "accuracy": correct / seen}

@@ -1,8 +1,16 @@
 """Shared fixtures and tiny synthetic data for the test suite."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from fmnist_core.data import ImageDataset
+
+CLI = [sys.executable, "-m", "fmnist_core.cli"]
 
 
 @pytest.fixture
@@ -30,3 +38,26 @@ def toy_dataset(n_train=200, n_test=20, name="toy"):
     test, test_labels = patterns(n_test, seed=1)
     return ImageDataset(name, train, train_labels, test, test_labels, (0.3,), (0.3,),
                         tuple(str(c) for c in range(10)))
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """The whole smoke book, built once from real runs: (results/smoke, html folder, build output).
+
+    Tests that damage runs work on a copy of these results, never on them.
+    """
+    base = tmp_path_factory.mktemp("smoke")
+    results, output = base / "results", base / "build"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    build = subprocess.run(CLI + ["--results-dir", str(results), "build", "--profile", "smoke",
+                                  "--output-dir", str(output)], capture_output=True, text=True, env=env)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return results / "smoke", output / "_build" / "html", build.stdout
+
+
+@pytest.fixture
+def smoke_copy(smoke_book, tmp_path) -> Path:
+    """A private copy of the smoke runs (a results folder holding ``smoke/``), safe to damage."""
+    results = tmp_path / "results"
+    shutil.copytree(smoke_book[0], results / "smoke", ignore=shutil.ignore_patterns(".*.lock"))
+    return results

@@ -1,9 +1,7 @@
 """End to end: the whole smoke book is built offline from real runs, every chapter with figures and tables."""
 import html
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,8 @@ import pytest
 from fmnist_core.book import chapter_pages
 from fmnist_core.experiments import EXPERIMENTS
 
-CLI = [sys.executable, "-m", "fmnist_core.cli"]
+from conftest import CLI
+
 # Figures each chapter must show (file names under figures/ of its run).
 EXPECTED_FIGURES = {
     "dataset": ["examples", "class_counts", "mean_images", "raw_pixel_embeddings"],
@@ -21,17 +20,6 @@ EXPECTED_FIGURES = {
     "fixmatch": ["accuracy_vs_labels", "learning_curves", "pseudo_labels", "confusion"],
     "vae": ["loss_curves", "reconstructions", "interpolation_7_9", "samples", "latent_space", "latent_size_study"],
 }
-
-
-@pytest.fixture(scope="module")
-def smoke_book(tmp_path_factory):
-    base = tmp_path_factory.mktemp("smoke")
-    results, output = base / "results", base / "build"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    build = subprocess.run(CLI + ["--results-dir", str(results), "build", "--profile", "smoke",
-                                  "--output-dir", str(output)], capture_output=True, text=True, env=env)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return results / "smoke", output / "_build" / "html", build.stdout
 
 
 def page_text(html_dir: Path, page: str) -> str:

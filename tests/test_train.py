@@ -1,5 +1,6 @@
 """The shared training loop: it learns, checkpoints, resumes exactly, and stops on a non-finite loss."""
 import math
+import os
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch
 from fmnist_core.errors import FmnistBookError, RunError
 from fmnist_core.io import load_checkpoint, save_checkpoint
 from fmnist_core.models import build_model
-from fmnist_core.train import Split, TrainConfig, evaluate, fit, lr_factor
+from fmnist_core.train import Split, TrainConfig, configure_numerics, evaluate, fit, lr_factor
 
 
 def toy_split(n=200, seed=0):
@@ -115,3 +116,38 @@ def test_checkpoints_refuse_arbitrary_objects(tmp_path):
     torch.save({"obj": Split}, path)  # a class reference would need unpickling code: weights_only refuses
     with pytest.raises(FmnistBookError, match="evil.pt"):
         load_checkpoint(path)
+
+
+def test_a_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path):
+    class TurnsNaN(torch.nn.Module):
+        """Finite for the first 7 batches (one epoch of 200 images at 32), NaN after."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc, self.calls = torch.nn.Linear(784, 2), 0
+
+        def forward(self, x):
+            self.calls += self.training
+            return self.fc(x.flatten(1)) * (float("nan") if self.calls > 7 else 1.0)
+
+    with pytest.raises(RunError, match=r"turns, epoch 2, step 0: loss is nan"):
+        fit(TurnsNaN(), toy_split(), toy_split(seed=1), config(), tmp_path, log=lambda *_: None, name="turns")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_deterministic_mode_sets_the_cuda_switches_and_speed_mode_clears_them(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    try:
+        assert configure_numerics(torch.device("cpu"), True) == "cpu"
+        assert not torch.are_deterministic_algorithms_enabled()  # the CPU path needs no switch
+        assert configure_numerics(torch.device("cuda"), True) == "deterministic"
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert configure_numerics(torch.device("cuda"), False) == "speed"
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
