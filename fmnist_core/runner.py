@@ -153,6 +153,7 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
     params = resolve_params(experiment, profile, overrides)
     final = results_dir / profile / experiment
     with run_lock(results_dir, profile, experiment):
+        recover_interrupted_swap(final)
         parts = key_parts(experiment, profile, params, results_dir)
         key = key_of(parts)
         if not force and finished_key(final) == key and not failure_path(final).exists():
@@ -170,6 +171,8 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     if force or _partial_key(partial) not in (None, key):
         shutil.rmtree(partial, ignore_errors=True)  # checkpoints of other parameters must not be resumed
     partial.mkdir(parents=True, exist_ok=True)
+    for leftover in partial.rglob(".*.tmp"):  # half-written files of a killed run (never renamed into place)
+        leftover.unlink()
     write_json(partial / "run.json", {"key": key, "params": params})
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
@@ -226,13 +229,25 @@ def _record_failure(final: Path, experiment: str, profile: str, error: str, seco
 
 def _swap_into_place(partial: Path, final: Path) -> None:
     """Replace the old finished run by the new one; the old one is deleted only after the rename."""
+    failure_path(final).unlink(missing_ok=True)
     old = final.with_name(final.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(partial, final)
     shutil.rmtree(old, ignore_errors=True)
-    failure_path(final).unlink(missing_ok=True)
+
+
+def recover_interrupted_swap(final: Path) -> None:
+    """Finish a :func:`_swap_into_place` that a kill interrupted between its two renames.
+
+    Then ``final`` is missing and ``<final>.old`` holds the previous run: the new run goes into place if it
+    had finished (its ``env.json`` is written last), else the previous one goes back.
+    """
+    old, partial = final.with_name(final.name + ".old"), final.with_name(final.name + ".partial")
+    if old.exists() and not final.exists():
+        os.replace(partial if (partial / "env.json").exists() else old, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def environment_record(experiment, profile, params, parts, seconds, overrides) -> dict:

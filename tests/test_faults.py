@@ -156,6 +156,7 @@ WRITER = """
 import sys, torch
 from fmnist_core.io import save_checkpoint, write_json
 folder, i = sys.argv[1], 0
+print("ready", flush=True)
 while True:
     i += 1
     save_checkpoint(folder + "/state.pt", {"version": i, "weights": torch.full((1_000_000,), float(i))})
@@ -166,8 +167,9 @@ while True:
 def test_a_kill_while_writing_leaves_the_previous_good_copy(tmp_path):
     save_checkpoint(tmp_path / "state.pt", {"version": 0, "weights": torch.zeros(1_000_000)})
     write_json(tmp_path / "metrics.json", {"version": 0, "values": [0] * 100_000})
-    for delay in (0.5, 0.9, 1.3, 1.7, 2.1):  # different points of the write cycle
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+    for delay in (0.05, 0.13, 0.21, 0.34, 0.55):  # different points of the write cycle
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
         time.sleep(delay)
         writer.kill()
         writer.wait()

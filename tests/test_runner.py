@@ -93,3 +93,17 @@ def test_profile_names_cannot_escape():
     for name in ("../quick", "/etc", "quick/../smoke"):
         with pytest.raises(ConfigError):
             runner.get_profile(name)
+
+
+@pytest.mark.parametrize("new_run_finished", [True, False])
+def test_a_kill_between_the_renames_of_a_swap_is_repaired(tmp_path, new_run_finished):
+    final = tmp_path / "smoke" / "dataset"
+    old, partial = final.with_name("dataset.old"), final.with_name("dataset.partial")
+    old.mkdir(parents=True)
+    (old / "env.json").write_text(json.dumps({"key": "previous"}))
+    partial.mkdir()
+    if new_run_finished:
+        (partial / "env.json").write_text(json.dumps({"key": "new"}))
+    runner.recover_interrupted_swap(final)
+    assert runner.finished_key(final) == ("new" if new_run_finished else "previous")
+    assert not old.exists()
