@@ -72,5 +72,5 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise FmnistBookError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]})") from None
+        first_sentence = (str(err).splitlines() or [""])[0].split(". ")[0][:200]
+        raise FmnistBookError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first_sentence})") from None

@@ -1,5 +1,7 @@
 """Shared fixtures and tiny synthetic data for the test suite."""
+import html
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,3 +63,8 @@ def smoke_copy(smoke_book, tmp_path) -> Path:
     results = tmp_path / "results"
     shutil.copytree(smoke_book[0], results / "smoke", ignore=shutil.ignore_patterns(".*.lock"))
     return results
+
+
+def visible_text(page: str) -> str:
+    """The page's text as a reader sees it (code is split into tagged words in the HTML)."""
+    return html.unescape(re.sub(r"<[^>]+>", "", page))

@@ -1,5 +1,4 @@
 """End to end: the whole smoke book is built offline from real runs, every chapter with figures and tables."""
-import html
 import re
 import subprocess
 from pathlib import Path
@@ -9,7 +8,7 @@ import pytest
 from fmnist_core.book import chapter_pages
 from fmnist_core.experiments import EXPERIMENTS
 
-from conftest import CLI
+from conftest import CLI, visible_text
 
 # Figures each chapter must show (file names under figures/ of its run).
 EXPECTED_FIGURES = {
@@ -24,11 +23,6 @@ EXPECTED_FIGURES = {
 
 def page_text(html_dir: Path, page: str) -> str:
     return (html_dir / f"{page}.html").read_text()
-
-
-def visible_text(page: str) -> str:
-    """The page's text as a reader sees it (code is split into tagged words in the HTML)."""
-    return html.unescape(re.sub(r"<[^>]+>", "", page))
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ NaN losses, a failing chapter during ``build``, corrupt files, and code changed 
 The runs here are real (papermill, smoke profile); the classification run is cut down to one small model
 so that a kill lands in the middle of its training and the whole file stays within a few minutes.
 """
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from fmnist_core import book, cli, runner
 from fmnist_core.errors import FmnistBookError
 from fmnist_core.io import load_checkpoint, read_json, save_checkpoint, write_json
 
-from conftest import CLI
+from conftest import CLI, visible_text
 
 pytestmark = pytest.mark.slow
 
@@ -211,8 +210,8 @@ def test_one_failing_chapter_does_not_stop_the_build(smoke_copy, tmp_path, capsy
     code = cli.main(["--results-dir", str(smoke_copy), "build", "--profile", "smoke", "--output-dir", str(output)])
     out, err = capsys.readouterr()
     assert code == 1 and "failed experiments: classification" in err
-    page = (output / "_build" / "html" / "classification.html").read_text()
-    assert "last.pt: not a readable checkpoint" in page and "fmnist-book run classification --profile smoke" in page
+    page = visible_text((output / "_build" / "html" / "classification.html").read_text())
+    assert "models/mlp/last.pt: not a readable checkpoint" in page and "fmnist-book run classification --profile smoke" in page
     for chapter in ("dataset", "layerwise", "vae", "fixmatch"):
         assert "missing from" not in (output / "_build" / "html" / f"{chapter}.html").read_text(), chapter
     assert (profile_dir / "classification" / "metrics.json").exists()  # the previous finished run is kept
