@@ -64,6 +64,8 @@ class Config:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {}
         for layer in layers:
+            if not isinstance(layer or {}, dict):  # a profile entry written as a list or a scalar, say
+                raise ConfigError(f"{where}: must map parameter names to values, got {layer!r}")
             for name, value in (layer or {}).items():
                 if name not in names:
                     raise ConfigError(f"{where}: " + unknown_name_message("parameter", name, names))

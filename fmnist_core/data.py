@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,10 @@ FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# Training and test images of each dataset a config may name, every class equally often, so that a config can
+# refuse a count the data cannot supply before any data is loaded.
+TRAIN_IMAGES = {"fashion_mnist": 60_000, "cifar10": 50_000}
+TEST_IMAGES = {"fashion_mnist": 10_000, "cifar10": 10_000}
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -93,7 +98,7 @@ def _read_maybe_gzip(path: Path) -> bytes:
     try:
         data = path.read_bytes()
         return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:  # zlib.error: a corrupt compressed body
         raise DataError(f"{path}: cannot be read or decompressed ({err})") from None
 
 

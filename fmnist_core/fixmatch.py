@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .classify import model_meta, subset
 from .config import param, require, require_choice
-from .data import ImageDataset, balanced_subset, make_generator, save_indices, weak_augment
+from .data import TRAIN_IMAGES, ImageDataset, balanced_subset, make_generator, save_indices, weak_augment
 from .errors import ConfigError
 from .io import save_checkpoint, write_json
 from .models import build_model
@@ -88,8 +88,10 @@ class FixMatchConfig(TrainConfig):
             require(getattr(self, name) == default, name, f"is not used by FixMatch ({hint})")
         require_choice(self.dataset, "dataset", DATASETS)
         require_choice(self.backbone, "backbone", BACKBONES)
-        require(self.num_labels >= 10 and self.num_labels % 10 == 0, "num_labels",
-                f"must be a positive multiple of 10 (the classes), got {self.num_labels}")
+        available = TRAIN_IMAGES[self.dataset]
+        require(10 <= self.num_labels <= available and self.num_labels % 10 == 0, "num_labels",
+                f"must be a positive multiple of 10 (the classes) up to {available:,} ({self.dataset}'s training "
+                f"images), got {self.num_labels}")
         require(self.label_seed >= 0 and self.seed >= 0, "label_seed" if self.label_seed < 0 else "seed",
                 "must be non-negative")
         require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")

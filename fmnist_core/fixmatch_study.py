@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import metrics
 from .config import param, require
-from .data import ImageDataset
+from .data import TRAIN_IMAGES, ImageDataset
 from .fixmatch import FixMatchConfig, train_fixmatch
 from .errors import FmnistBookError
 from .io import read_json
@@ -23,11 +23,15 @@ class FixMatchStudyConfig(FixMatchConfig):
 
     def check(self) -> None:
         super().check()
-        require(len(self.label_counts) > 0 and all(n >= 10 and n % 10 == 0 for n in self.label_counts),
-                "label_counts", "must list positive multiples of 10")
-        require(len(self.seeds) > 0, "seeds", "must list at least one seed")
-        require(self.ceiling_labels >= 0 and self.ceiling_labels % 10 == 0, "ceiling_labels",
-                "must be 0 (none) or a multiple of 10")
+        available = TRAIN_IMAGES[self.dataset]  # every run draws its labels, class-balanced, from these
+        require(len(self.label_counts) > 0 and all(10 <= n <= available and n % 10 == 0 for n in self.label_counts),
+                "label_counts", f"must list positive multiples of 10 (the classes) up to {available:,} "
+                                f"({self.dataset}'s training images), got {self.label_counts}")
+        require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
+                f"must list at least one seed, none negative, got {self.seeds}")
+        require(0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0, "ceiling_labels",
+                f"must be 0 (none) or a multiple of 10 up to {available:,} ({self.dataset}'s training images), "
+                f"got {self.ceiling_labels}")
 
     def run_config(self, num_labels: int, seed: int, supervised_only: bool) -> FixMatchConfig:
         """The configuration of one run of the study."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,13 @@ def _expected(image_shape) -> str:
             f"in [0, 1]")
 
 
+def _starts_like_npy(path: Path) -> bool:
+    """Whether the file begins with NumPy's magic number, or with part of it when cut short."""
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return bool(head) and b"\x93NUMPY".startswith(head)
+
+
 def read_array(path) -> np.ndarray:
     """Load one array from a ``.npy`` file without unpickling anything; any other file is refused."""
     path = Path(path)
@@ -107,11 +115,17 @@ def read_array(path) -> np.ndarray:
         raise FmnistBookError(f"{path}: input file not found")
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:  # pickles, object arrays and text all land here with allow_pickle=False
-        reason = ("it holds Python objects (an object array), which are never unpickled"
-                  if "Object arrays" in str(err) else "it is not a NumPy array file (text or a pickle?)")
+    except ValueError as err:  # pickles, object arrays, text and cut-off .npy files land here
+        if "Object arrays" in str(err):
+            reason = "it holds Python objects (an object array), which are never unpickled"
+        elif _starts_like_npy(path):
+            reason = f"it is a truncated or corrupt .npy file ({err})"
+        else:
+            reason = "it is not a NumPy array file (text or a pickle?)"
         raise FmnistBookError(f"{path}: cannot be read: {reason}; save a numeric array with numpy.save") from None
-    except (OSError, EOFError, pickle.UnpicklingError) as err:
+    except MemoryError as err:  # a corrupt header can declare any shape
+        raise FmnistBookError(f"{path}: cannot be read: {err} (a corrupt .npy header, or too large for memory)") from None
+    except (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:  # BadZipFile: a corrupt .npz
         raise FmnistBookError(f"{path}: not a readable .npy file ({err})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
         array.close()
@@ -161,6 +175,9 @@ def check_output(path, force: bool = False) -> Path:
                               f".csv (labels, class names and probabilities)")
     if path.is_dir():
         raise FmnistBookError(f"{path}: is a directory")
+    blocker = next((p for p in path.parents if p.exists()), None)  # the nearest existing path above it
+    if blocker is not None and not blocker.is_dir():
+        raise FmnistBookError(f"{path}: cannot be written, {blocker} is a file, not a directory")
     if path.exists() and not force:
         raise FmnistBookError(f"{path}: exists; pass --force to overwrite it")
     return path
@@ -214,10 +231,11 @@ def predict(run_dir, input_path, output_path, model: str | None = None, tta: int
     if device == "cuda" and not torch.cuda.is_available():
         raise FmnistBookError("device is 'cuda' but no CUDA device is available")
     device = resolve_device(device)
+    array = read_array(input_path)  # an unreadable input is refused before the model is loaded
     net, state = load_trained(find_checkpoint(run_dir, model), rebuild_classifier, device)
     config = state["config"]
     shape = (config["in_channels"], config["image_size"], config["image_size"])
-    images = images_from_array(read_array(input_path), shape, str(input_path)).to(device)
+    images = images_from_array(array, shape, str(input_path)).to(device)
     probs = class_probabilities(net, config, images, tta).numpy()
     write_bytes_atomic(output_path, predictions_bytes(probs, list(config["class_names"]), output_path.suffix.lower()))
     return output_path

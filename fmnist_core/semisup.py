@@ -33,7 +33,7 @@ from torch import nn
 from . import metrics
 from .classify import Splits, make_splits, model_meta, rebuild
 from .config import param, require, require_choice
-from .data import ImageDataset, balanced_subset, batch_indices, save_indices, weak_augment
+from .data import TRAIN_IMAGES, ImageDataset, balanced_subset, batch_indices, save_indices, weak_augment
 from .errors import ConfigError
 from .models import build_model
 from .train import (Split, TrainConfig, autocast_context, check_finite, evaluate, fit, fit_epochs,
@@ -75,8 +75,15 @@ class SemiSupConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        require(self.num_labels >= 0, "num_labels", f"must be 0 (all) or positive, got {self.num_labels}")
-        require(self.val_size >= 10 and self.val_size % 10 == 0, "val_size", "must be a positive multiple of 10")
+        # The labeled subset, the validation split and the train_images cut are all class-balanced.
+        require(self.num_labels >= 0 and self.num_labels % 10 == 0, "num_labels",
+                f"must be 0 (all) or a positive multiple of 10 (the same number of every class), got {self.num_labels}")
+        require(10 <= self.val_size < TRAIN_IMAGES["fashion_mnist"] and self.val_size % 10 == 0, "val_size",
+                f"must be a positive multiple of 10 below Fashion-MNIST's 60,000 training images, got {self.val_size}")
+        require(self.train_images % 10 == 0, "train_images",
+                f"must be 0 (all) or a multiple of 10 (the same number of every class), got {self.train_images}")
+        for name in ("seed", "label_seed", "split_seed"):  # NumPy's generators refuse negative seeds
+            require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
         require(self.latent_dim >= 1, "latent_dim", f"must be at least 1, got {self.latent_dim}")
         require(len(self.branch_channels) == 2 and all(c >= 1 for c in self.branch_channels), "branch_channels",
                 f"must be two positive widths [a, b], got {self.branch_channels}")

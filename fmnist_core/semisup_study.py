@@ -10,7 +10,7 @@ import torch
 from . import metrics
 from .classify import Splits, subset
 from .config import param, require
-from .data import ImageDataset
+from .data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset
 from .predict import class_probabilities
 from .semisup import SemiSupConfig, load_trained_semisup, semisup_splits, train_semisup
 from .train import Split
@@ -33,15 +33,26 @@ class SemiSupStudyConfig(SemiSupConfig):
 
     def check(self) -> None:
         super().check()
-        require(len(self.label_counts) > 0 and all(n >= 0 for n in self.label_counts), "label_counts",
-                "must list label counts (0 = all)")
-        require(len(self.seeds) > 0, "seeds", "must list at least one seed")
+        # Each run draws its labels, class-balanced, from the training split: Fashion-MNIST's training images
+        # less the validation split, cut to train_images when that is smaller.
+        pool = TRAIN_IMAGES["fashion_mnist"] - self.val_size
+        pool = self.train_images if 0 < self.train_images < pool else pool
+        require(len(self.label_counts) > 0 and all(n == 0 or (10 <= n <= pool and n % 10 == 0)
+                                                   for n in self.label_counts), "label_counts",
+                f"must list 0 (all) or multiples of 10 (the same number of every class) up to {pool:,}, the "
+                f"training images left (Fashion-MNIST's 60,000 less val_size, cut to train_images), "
+                f"got {self.label_counts}")
+        require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
+                f"must list at least one seed, none negative, got {self.seeds}")
         require(self.focus_labels in self.label_counts, "focus_labels", "must be one of the label_counts")
         require(all(t >= 0 for t in self.tta_copies), "tta_copies", "must be non-negative")
-        require(self.test_images == 0 or (self.test_images % 10 == 0 and self.test_images <= 10000), "test_images",
-                "must be 0 (all) or a multiple of 10 up to 10,000")
-        require(self.embed_images >= 10 and self.embed_images % 10 == 0, "embed_images",
-                "must be a positive multiple of 10")
+        require(self.test_images == 0 or (10 <= self.test_images <= TEST_IMAGES["fashion_mnist"]
+                                          and self.test_images % 10 == 0), "test_images",
+                f"must be 0 (all) or a positive multiple of 10 up to 10,000, got {self.test_images}")
+        require(10 <= self.embed_images <= TEST_IMAGES["fashion_mnist"] and self.embed_images % 10 == 0,
+                "embed_images", f"must be a positive multiple of 10 up to the 10,000 test images, got {self.embed_images}")
+        require(self.perplexity > 0, "perplexity", f"must be positive, got {self.perplexity}")
+        require(self.n_jobs >= 1, "n_jobs", f"must be at least 1, got {self.n_jobs}")
 
     def run_config(self, num_labels: int, seed: int) -> SemiSupConfig:
         """The configuration of one run of the study."""
