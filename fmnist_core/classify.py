@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .config import param, require
+from .config import param, require, require_choice
 from .data import (ImageDataset, balanced_subset, load_dataset, normalize, save_indices, stratified_split,
                    weak_augment)
 from .errors import ConfigError
@@ -48,6 +48,9 @@ class ClassificationConfig(TrainConfig):
         require(self.sgd_model in self.models or self.sgd_model == "", "sgd_model",
                 f"must be one of the trained models or '', got {self.sgd_model!r}")
         require(self.val_size >= 10 and self.val_size % 10 == 0, "val_size", "must be a positive multiple of 10")
+        require_choice(self.dataset, "dataset", ("fashion_mnist", "cifar10"))
+        require(self.split_seed >= 0, "split_seed", f"must be non-negative, got {self.split_seed}")
+        require(self.sgd_lr > 0, "sgd_lr", f"must be positive, got {self.sgd_lr}")
         require(self.tta >= 0, "tta", "must be non-negative")
         require(self.test_images == 0 or (self.test_images % 10 == 0 and 10 <= self.test_images <= 10000),
                 "test_images", "must be 0 (all) or a multiple of 10 up to 10,000")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -16,10 +17,23 @@ import yaml
 from .errors import ConfigError
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: ``1e-3`` is a float (plain YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """Parse YAML safely (no tags that build objects), with ``1e-3`` read as a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def parse_cli_value(text: str):
     """Parse a command-line parameter value as YAML (``3`` → int, ``[a, b]`` → list, ``true`` → bool)."""
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 

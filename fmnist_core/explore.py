@@ -29,6 +29,7 @@ class DatasetConfig(Config):
         require(self.embed_images <= 10000, "embed_images", "cannot exceed the 10,000 test images")
         require(self.perplexity > 0, "perplexity", "must be positive")
         require(self.n_jobs >= 1, "n_jobs", "must be at least 1")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
 
 
 def class_counts(labels, num_classes: int = 10) -> list[int]:

@@ -11,7 +11,7 @@ import torch
 
 from .activations import capture_activations, layer_report
 from .classify import rebuild
-from .config import Config, param, require
+from .config import Config, param, require, require_choice
 from .data import balanced_subset, load_dataset, normalize
 from .errors import RunError
 from .train import configure_numerics, load_trained, resolve_device
@@ -40,6 +40,8 @@ class LayerwiseConfig(Config):
         require(self.perplexity > 0, "perplexity", "must be positive")
         require(self.tsne_iter >= 1, "tsne_iter", "must be at least 1")
         require(self.n_jobs >= 1, "n_jobs", "must be at least 1")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+        require_choice(self.device, "device", ("auto", "cpu", "cuda"))
         for name, layers in self.layers.items():
             require(name in self.models, "layers", f"names {name!r}, which is not among the models")
             require(isinstance(layers, list) and layers and all(isinstance(x, str) for x in layers),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import unknown_name_message
+from .config import load_yaml, unknown_name_message
 from .errors import ConfigError, FmnistBookError, RunError
 from .experiments import EXPERIMENTS, get_experiment
 from .io import PROJECT_ROOT, read_json, write_json
@@ -35,18 +35,23 @@ DEFAULT_RESULTS = PROJECT_ROOT / "results"
 # ------------------------------------------------------------------------------------------- profiles
 def load_profiles(path: Path = PROFILES_PATH) -> dict:
     """Read and validate the profile file: every experiment and parameter named in it must exist."""
+    path = Path(path)
     try:
-        profiles = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
+        profiles = load_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read the profile file ({err})") from None
     if not isinstance(profiles, dict):
         raise ConfigError(f"{path}: must map profile names to their settings")
     for name, profile in profiles.items():
-        experiments = (profile or {}).get("experiments")
+        experiments = profile.get("experiments") if isinstance(profile, dict) else None
         if not isinstance(experiments, dict):
             raise ConfigError(f"{path}: profile {name!r} needs an 'experiments' mapping")
         for exp, params in experiments.items():
-            get_experiment(exp).config.from_overrides(params or {}, where=f"{path.name}: {name}.{exp}")
+            try:
+                config = get_experiment(exp).config
+            except ConfigError as err:
+                raise ConfigError(f"{path}: profile {name!r}: {err}") from None
+            config.from_overrides(params or {}, where=f"{path.name}: {name}.{exp}")
     return profiles
 
 

@@ -56,6 +56,7 @@ class TrainConfig(Config):
         require(self.weight_decay >= 0, "weight_decay", "must be non-negative")
         require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         require(self.train_images >= 0, "train_images", "must be 0 (all) or positive")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
         require_choice(self.optimizer, "optimizer", ("adam", "sgd"))
         require_choice(self.schedule, "schedule", ("cosine", "step", "constant"))
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))

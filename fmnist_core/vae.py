@@ -81,6 +81,8 @@ class VAEConfig(TrainConfig):
         require(self.samples >= 1, "samples", f"must be at least 1, got {self.samples}")
         require(self.embed_images >= 10 and self.embed_images % DATASET_CLASSES[self.dataset] == 0,
                 "embed_images", "must be at least 10 and divisible by the number of classes")
+        require(self.embed_images <= 10000, "embed_images", "cannot exceed the 10,000 test images")
+        require(self.split_seed >= 0, "split_seed", f"must be non-negative, got {self.split_seed}")
         require(self.perplexity > 0, "perplexity", "must be positive")
         require(self.n_jobs >= 1, "n_jobs", "must be at least 1")
         self._check_pairs()

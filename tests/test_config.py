@@ -49,7 +49,8 @@ def test_model_config_applies_per_model_overrides():
 
 
 @pytest.mark.parametrize("text, value", [("3", 3), ("0.5", 0.5), ("true", True), ("[a, b]", ["a", "b"]),
-                                         ("adam", "adam"), ("{x: 1}", {"x": 1})])
+                                         ("adam", "adam"), ("{x: 1}", {"x": 1}), ("1e-3", 0.001),
+                                         ("-2E+4", -20000.0), ("[1e-4, 3]", [0.0001, 3])])
 def test_cli_values_are_parsed_as_yaml(text, value):
     assert parse_cli_value(text) == value
 
