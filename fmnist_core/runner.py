@@ -182,11 +182,11 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
     try:
-        _papermill(experiment, profile, params, partial, final.parent, data_dir)
+        execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
         if not (partial / "metrics.json").exists():
             raise RunError(f"notebook {notebook_path(experiment).name} finished without writing metrics.json")
     except Exception as err:  # a failed chapter is reported, the others still run
-        return _record_failure(final, experiment, profile, _describe(err), time.perf_counter() - started)
+        return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started)
     seconds = time.perf_counter() - started
     write_json(partial / "env.json", environment_record(experiment, profile, params, parts, seconds, overrides))
     _swap_into_place(partial, final)
@@ -201,7 +201,7 @@ def _partial_key(partial: Path) -> str | None:
         return None
 
 
-def _papermill(experiment, profile, params, run_dir: Path, results_dir: Path, data_dir) -> None:
+def execute_notebook(experiment, profile, params, run_dir: Path, results_dir: Path, data_dir) -> None:
     """Execute the notebook; a cell progress bar in a terminal only (bars inside notebooks come out garbled)."""
     import papermill
     if data_dir:
@@ -214,7 +214,8 @@ def _papermill(experiment, profile, params, run_dir: Path, results_dir: Path, da
         extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
-def _describe(err: Exception) -> str:
+def describe_error(err: Exception) -> str:
+    """One line for a failed execution: the notebook's own exception when papermill carries it."""
     ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
     if ename:  # papermill's error carries the notebook's own exception
         return f"{ename}: {evalue}"

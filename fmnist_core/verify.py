@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import FmnistBookError
 from .experiments import EXPERIMENTS, get_experiment
 from .io import read_json
-from .runner import _describe, _papermill, numerics_mode, run_key
+from .runner import describe_error, execute_notebook, numerics_mode, run_key
 
 ATOL, RTOL = 0.01, 0.02
 
@@ -101,9 +101,9 @@ def verify_run(run_dir, data_dir=None, keep: bool = False, log=print) -> Compari
     try:
         log(f"{experiment} [{profile}]: re-running in {scratch}")
         try:
-            _papermill(experiment, profile, params, scratch, run_dir.parent, data_dir)
+            execute_notebook(experiment, profile, params, scratch, run_dir.parent, data_dir)
         except Exception as err:  # the notebook's own error, as the runner reports it
-            raise FmnistBookError(f"{experiment}: the re-run failed: {_describe(err)}") from None
+            raise FmnistBookError(f"{experiment}: the re-run failed: {describe_error(err)}") from None
         rerun = read_json(scratch / "metrics.json")
     finally:
         if not keep:

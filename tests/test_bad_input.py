@@ -84,7 +84,7 @@ def no_notebook_runs():
     def refuse(*args, **kwargs):
         raise AssertionError("a bad input was accepted and a notebook was about to run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "_papermill", refuse)
+        patch.setattr(runner, "execute_notebook", refuse)
         yield
 
 

@@ -68,7 +68,7 @@ def test_failure_is_recorded_and_old_results_are_kept(tmp_path, monkeypatch):
 
     def explode(*args, **kwargs):
         raise RuntimeError("kernel died")
-    monkeypatch.setattr(runner, "_papermill", explode)
+    monkeypatch.setattr(runner, "execute_notebook", explode)
     result = runner.run_experiment("dataset", "smoke", results_dir=tmp_path, log=lambda *_: None)
     assert result.status == "failed" and "kernel died" in result.error
     failure = json.loads(runner.failure_path(finished).read_text())
