@@ -310,8 +310,10 @@ def run_states(profile: str, results_dir: Path = DEFAULT_RESULTS) -> list[tuple[
             waiting = final.with_name(final.name + ".partial").exists()
             states[experiment] = "not run" + (" (an interrupted run waits to be resumed)" if waiting else "")
         elif finished_key(final) != key_of(parts):
-            old = read_json(final / "env.json").get("key_parts", {})
-            states[experiment] = f"out of date: changed {', '.join(changed_parts(old, parts)) or 'run key'}"
+            old = read_json(final / "env.json").get("key_parts")
+            changed = (f"changed {', '.join(changed_parts(old, parts)) or 'run key'}" if old
+                       else "its record predates per-part keys")
+            states[experiment] = f"out of date: {changed}"
         elif stale_upstream:
             states[experiment] = f"out of date: re-runs after {', '.join(stale_upstream)}"
         else:
