@@ -59,6 +59,7 @@ def test_results_and_appendix_come_from_the_runs(smoke_book):
     appendix = visible_text(page_text(html, "reproducibility"))
     for name in EXPERIMENTS:
         assert f"fmnist-book run {name} --profile smoke" in appendix
+    assert appendix.count("numerics: CPU (bit-identical") == len(EXPERIMENTS)
 
 
 @pytest.mark.slow
