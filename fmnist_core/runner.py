@@ -258,8 +258,11 @@ def recover_interrupted_swap(final: Path) -> None:
 
 def environment_record(experiment, profile, params, parts, seconds, overrides) -> dict:
     """Versions, commit, device, numerics and timing of a run: what the appendix and ``verify`` read."""
-    import torch
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from .train import numerics_mode
     versions = {}
     for package in ("torch", "torchvision", "numpy", "scikit-learn", "openTSNE", "papermill", "jupyter-book"):
         try:
@@ -267,22 +270,22 @@ def environment_record(experiment, profile, params, parts, seconds, overrides) -
         except PackageNotFoundError:
             versions[package] = None
     cli = " ".join(f"-p {k} {json.dumps(v)!r}" for k, v in (overrides or {}).items())
-    on_cuda = params.get("device", "auto") != "cpu" and torch.cuda.is_available()
+    device = run_device(params)
     return {"experiment": experiment, "profile": profile, "key": key_of(parts), "key_parts": parts, "params": params,
             "seed": params.get("seeds", params.get("seed")), "python": platform.python_version(),
             "versions": versions, "git_commit": git_commit(),
-            "device": torch.cuda.get_device_name() if on_cuda else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
-            "numerics": numerics_mode(on_cuda, bool(params.get("deterministic"))),
+            "device": torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+            "numerics": numerics_mode(device, bool(params.get("deterministic"))),
             "torch_threads": torch.get_num_threads(), "wall_seconds": round(seconds, 1),
             "command": f"fmnist-book run {experiment} --profile {profile} {cli}".strip(),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def numerics_mode(on_cuda: bool, deterministic: bool) -> str:
-    """How exactly a run's numbers repeat: the mode of :func:`fmnist_core.train.configure_numerics`."""
-    if not on_cuda:
-        return "cpu"
-    return "deterministic" if deterministic else "speed"
+def run_device(params: dict):
+    """The device a run with ``params`` trains on here (``device`` "auto" picks CUDA when present)."""
+    from .train import resolve_device
+    return resolve_device(params.get("device", "auto"))
 
 
 def git_commit() -> str | None:
@@ -303,13 +306,15 @@ def run_states(profile: str, results_dir: Path = DEFAULT_RESULTS) -> list[tuple[
     for experiment in profile_experiments(profile):
         final = results_dir / profile / experiment
         parts = key_parts(experiment, profile, resolve_params(experiment, profile), results_dir)
-        stale_upstream = [d for d in get_experiment(experiment).requires if not states.get(d, "up to date").startswith("up to date")]
+        finished = finished_key(final)
+        stale_upstream = [d for d in get_experiment(experiment).requires
+                          if not states.get(d, "up to date").startswith("up to date")]
         if failure_path(final).exists():
             states[experiment] = f"failed: {read_json(failure_path(final)).get('error', '')}"
-        elif finished_key(final) is None:
+        elif finished is None:
             waiting = final.with_name(final.name + ".partial").exists()
             states[experiment] = "not run" + (" (an interrupted run waits to be resumed)" if waiting else "")
-        elif finished_key(final) != key_of(parts):
+        elif finished != key_of(parts):
             old = read_json(final / "env.json").get("key_parts")
             changed = (f"changed {', '.join(changed_parts(old, parts)) or 'run key'}" if old
                        else "its record predates per-part keys")

@@ -73,6 +73,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def numerics_mode(device, deterministic: bool) -> str:
+    """How exactly a run on ``device`` repeats: "cpu", or on CUDA "deterministic" or "speed"."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    return "deterministic" if deterministic else "speed"
+
+
 def configure_numerics(device: torch.device, deterministic: bool) -> str:
     """Set PyTorch's determinism switches for ``device``; returns the mode a results record states.
 
@@ -83,14 +90,15 @@ def configure_numerics(device: torch.device, deterministic: bool) -> str:
     why the training loops call this before building their optimiser. On the CPU, a run is bit-reproducible
     for a fixed thread count either way ("cpu").
     """
-    if torch.device(device).type != "cuda":
-        return "cpu"
+    mode = numerics_mode(device, deterministic)
+    if mode == "cpu":
+        return mode
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-    return "deterministic" if deterministic else "speed"
+    return mode
 
 
 def autocast_context(device: torch.device, dtype: str):

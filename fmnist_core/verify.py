@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import FmnistBookError
 from .experiments import EXPERIMENTS, get_experiment
 from .io import read_json
-from .runner import describe_error, execute_notebook, numerics_mode, run_key
+from .runner import describe_error, execute_notebook, run_device, run_key
 
 ATOL, RTOL = 0.01, 0.02
 
@@ -59,17 +59,18 @@ def compare(experiment: str, recorded: dict, rerun: dict, exact: bool) -> Compar
     """Compare two ``metrics.json`` contents value by value; the ``summary`` rows are the headline."""
     result = Comparison(experiment, exact)
     old, new = flatten(recorded), flatten(rerun)
-    for path in sorted(old.keys() | new.keys()):
+    paths = sorted(old.keys() | new.keys())
+    result.compared = len(paths)
+    for path in paths:
         a, b = old.get(path, "<missing>"), new.get(path, "<missing>")
-        result.compared += 1
         if not same(a, b, exact):
             result.mismatches.append((path, a, b))
     for index, row in enumerate(recorded.get("summary", [])):
         for column, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                path = f"summary[{index}].{column}"
-                result.headline.append((f"{row.get('run', index)} {column}", value, new.get(path, "<missing>"),
-                                        same(value, new.get(path, "<missing>"), exact)))
+                rerun_value = new.get(f"summary[{index}].{column}", "<missing>")
+                result.headline.append((f"{row.get('run', index)} {column}", value, rerun_value,
+                                        same(value, rerun_value, exact)))
     return result
 
 
@@ -86,7 +87,6 @@ def finished_runs(path) -> list[Path]:
 
 def verify_run(run_dir, data_dir=None, keep: bool = False, log=print) -> Comparison:
     """Re-run the finished run in ``run_dir`` with its recorded parameters and compare ``metrics.json``."""
-    import torch
     run_dir = Path(run_dir).resolve()
     env = read_json(run_dir / "env.json")
     experiment, profile, params = env.get("experiment"), env.get("profile"), env.get("params")
@@ -95,8 +95,8 @@ def verify_run(run_dir, data_dir=None, keep: bool = False, log=print) -> Compari
                               "(expected results/<profile>/<experiment>/)")
     get_experiment(experiment).config.from_overrides(params or {}, where=f"{run_dir / 'env.json'}")
     recorded = read_json(run_dir / "metrics.json")
-    on_cuda = params.get("device", "auto") != "cpu" and torch.cuda.is_available()
-    notes = _drift_notes(env, run_dir, on_cuda)
+    device = run_device(params)
+    notes = _drift_notes(env, run_dir, device)
     scratch = Path(tempfile.mkdtemp(prefix=f".verify-{experiment}-", dir=run_dir.parent))
     try:
         log(f"{experiment} [{profile}]: re-running in {scratch}")
@@ -108,15 +108,17 @@ def verify_run(run_dir, data_dir=None, keep: bool = False, log=print) -> Compari
     finally:
         if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    exact = env.get("numerics") == "cpu" and not on_cuda
+    exact = env.get("numerics") == "cpu" and device.type == "cpu"
     result = compare(experiment, recorded, rerun, exact)
     result.notes = notes
     return result
 
 
-def _drift_notes(env: dict, run_dir: Path, on_cuda: bool) -> list[str]:
+def _drift_notes(env: dict, run_dir: Path, device) -> list[str]:
     """What differs between the recorded run and this re-run besides chance: code, threads, device."""
     import torch
+
+    from .train import numerics_mode
     notes = []
     if run_key(env["experiment"], env["profile"], env["params"], run_dir.parent.parent) != env.get("key"):
         notes.append("the notebook, the code or an upstream run changed since this run (its key differs): "
@@ -124,9 +126,9 @@ def _drift_notes(env: dict, run_dir: Path, on_cuda: bool) -> list[str]:
     if env.get("torch_threads") not in (None, torch.get_num_threads()):
         notes.append(f"recorded with {env['torch_threads']} CPU threads, re-run with {torch.get_num_threads()}: "
                      "floating-point sums may be split differently")
-    if env.get("numerics") != numerics_mode(on_cuda, bool(env["params"].get("deterministic"))):
+    if env.get("numerics") != numerics_mode(device, bool(env["params"].get("deterministic"))):
         notes.append(f"recorded in numerics mode {env.get('numerics')!r}, re-run on "
-                     f"{'CUDA' if on_cuda else 'the CPU'}")
+                     f"{'CUDA' if device.type == 'cuda' else 'the CPU'}")
     return notes
 
 
