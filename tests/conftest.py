@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmnist_core import CLASS_NAMES, classify
 from fmnist_core.data import ImageDataset
+from fmnist_core.train import TrainConfig
 
 CLI = [sys.executable, "-m", "fmnist_core.cli"]
 
@@ -68,3 +70,22 @@ def smoke_copy(smoke_book, tmp_path) -> Path:
 def visible_text(page: str) -> str:
     """The page's text as a reader sees it (code is split into tagged words in the HTML)."""
     return html.unescape(re.sub(r"<[^>]+>", "", page))
+
+
+@pytest.fixture(scope="session")
+def toy_fashion_dataset():
+    """200 training and 30 test images of :func:`patterns`, named with Fashion-MNIST's classes."""
+    train, train_labels = patterns(200)
+    test, test_labels = patterns(30, seed=1)
+    return ImageDataset("toy", train, train_labels, test, test_labels, (0.3,), (0.3,), CLASS_NAMES)
+
+
+@pytest.fixture(scope="session")
+def lenet_run_dir(tmp_path_factory, toy_fashion_dataset):
+    """A finished classification run, ``run/models/lenet_avg/best.pt``: one epoch on the toy data."""
+    run = tmp_path_factory.mktemp("run")
+    splits, _ = classify.make_splits(toy_fashion_dataset, 50, 0)
+    cfg = TrainConfig.from_overrides({"epochs": 1, "batch_size": 32, "lr": 3e-3, "device": "cpu"})
+    classify.train_model("lenet_avg", cfg, splits, toy_fashion_dataset, run / "models" / "lenet_avg",
+                         log=lambda *_: None)
+    return run

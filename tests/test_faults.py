@@ -111,12 +111,25 @@ def test_a_second_run_of_the_same_experiment_is_refused_while_another_experiment
     assert not list(results.glob("*.partial"))
 
 
-def test_killing_the_kernel_mid_training_then_rerunning_resumes_to_the_same_metrics(tmp_path, reference_metrics):
-    results = tmp_path / "results"
+def start_and_wait_for_the_first_checkpoint(results: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """The small classification run, once its first ``last.pt`` exists: (command, final folder, last.pt)."""
     final = results / "smoke" / "classification"
     last = final.with_name("classification.partial") / "models" / "lenet_avg" / "last.pt"
     command = start_classification(results)
     wait_until(last.exists, "the first checkpoint", process=command)
+    return command, final, last
+
+
+def assert_rerun_resumes_to(results: Path, final: Path, reference_metrics: bytes) -> None:
+    code, _, err = finish(start_classification(results))
+    assert code == 0, err
+    assert "resuming from" in (final / "classification.ipynb").read_text()
+    assert (final / "metrics.json").read_bytes() == reference_metrics
+
+
+def test_killing_the_kernel_mid_training_then_rerunning_resumes_to_the_same_metrics(tmp_path, reference_metrics):
+    results = tmp_path / "results"
+    command, final, last = start_and_wait_for_the_first_checkpoint(results)
     os.kill(kernel_of(command), signal.SIGKILL)
     code, _, err = finish(command)
     assert code == 1 and "classification failed" in err and "Traceback" not in err
@@ -124,19 +137,13 @@ def test_killing_the_kernel_mid_training_then_rerunning_resumes_to_the_same_metr
     assert 1 <= load_checkpoint(last)["epoch"] < 4
     assert "FAILED" in runner.results_table("smoke", results)
 
-    code, _, err = finish(start_classification(results))
-    assert code == 0, err
-    assert "resuming from" in (final / "classification.ipynb").read_text()
-    assert (final / "metrics.json").read_bytes() == reference_metrics
+    assert_rerun_resumes_to(results, final, reference_metrics)
     assert not runner.failure_path(final).exists()
 
 
 def test_killing_the_command_mid_training_then_rerunning_resumes_to_the_same_metrics(tmp_path, reference_metrics):
     results = tmp_path / "results"
-    final = results / "smoke" / "classification"
-    last = final.with_name("classification.partial") / "models" / "lenet_avg" / "last.pt"
-    command = start_classification(results)
-    wait_until(last.exists, "the first checkpoint", process=command)
+    command, final, _ = start_and_wait_for_the_first_checkpoint(results)
     kernel = kernel_of(command)
     command.send_signal(signal.SIGKILL)
     command.communicate()
@@ -145,10 +152,7 @@ def test_killing_the_command_mid_training_then_rerunning_resumes_to_the_same_met
     states = dict(runner.run_states("smoke", results))
     assert states["classification"].startswith("not run (an interrupted run waits to be resumed)")
 
-    code, _, err = finish(start_classification(results))
-    assert code == 0, err
-    assert "resuming from" in (final / "classification.ipynb").read_text()
-    assert (final / "metrics.json").read_bytes() == reference_metrics
+    assert_rerun_resumes_to(results, final, reference_metrics)
 
 
 WRITER = """

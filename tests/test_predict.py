@@ -11,36 +11,17 @@ import pytest
 import torch
 
 from fmnist_core import CLASS_NAMES, classify, semisup
-from fmnist_core.data import ImageDataset
 from fmnist_core.errors import FmnistBookError
 from fmnist_core.predict import add_predict_parser, predict
-from fmnist_core.train import TrainConfig, load_trained
+from fmnist_core.train import load_trained
 
-from conftest import patterns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset():
-    train, train_labels = patterns(200)
-    test, test_labels = patterns(30, seed=1)
-    return ImageDataset("toy", train, train_labels, test, test_labels, (0.3,), (0.3,), CLASS_NAMES)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, dataset):
-    """A finished classification run: run/models/lenet_avg/best.pt, one epoch on the toy data."""
-    run = tmp_path_factory.mktemp("run")
-    splits, _ = classify.make_splits(dataset, 50, 0)
-    cfg = TrainConfig.from_overrides({"epochs": 1, "batch_size": 32, "lr": 3e-3, "device": "cpu"})
-    classify.train_model("lenet_avg", cfg, splits, dataset, run / "models" / "lenet_avg", log=lambda *_: None)
-    return run
-
-
-@pytest.fixture(scope="module")
-def images(dataset):
-    return dataset.test_images.numpy()  # (30, 1, 28, 28) uint8
+def images(toy_fashion_dataset):
+    return toy_fashion_dataset.test_images.numpy()  # (30, 1, 28, 28) uint8
 
 
 def forms(images):
@@ -63,15 +44,15 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def test_round_trip_same_labels_in_every_form(tmp_path, run_dir, images):
-    model, state = load_trained(run_dir / "models" / "lenet_avg" / "best.pt", classify.rebuild)
+def test_round_trip_same_labels_in_every_form(tmp_path, lenet_run_dir, images):
+    model, state = load_trained(lenet_run_dir / "models" / "lenet_avg" / "best.pt", classify.rebuild)
     split = classify.Split(torch.from_numpy(images), torch.zeros(len(images)), (0.3,), (0.3,))
     expected = model(split.inputs()).argmax(1).numpy()  # the chapter's own standardisation
     for name, array in forms(images).items():
-        out = predict(run_dir, saved(tmp_path, name, array), tmp_path / f"{name}_labels.npy")
+        out = predict(lenet_run_dir, saved(tmp_path, name, array), tmp_path / f"{name}_labels.npy")
         labels = np.load(out, allow_pickle=False)
         assert labels.dtype == np.int64 and np.array_equal(labels, expected), name
-        rows = read_csv(predict(run_dir, tmp_path / f"{name}.npy", tmp_path / f"{name}.csv"))
+        rows = read_csv(predict(lenet_run_dir, tmp_path / f"{name}.npy", tmp_path / f"{name}.csv"))
         assert [int(r["label"]) for r in rows] == expected.tolist()
     assert list(rows[0]) == ["index", "label", "class_name"] + [f"prob_{c}" for c in CLASS_NAMES]
     assert [r["class_name"] for r in rows] == [CLASS_NAMES[k] for k in expected]
@@ -79,23 +60,24 @@ def test_round_trip_same_labels_in_every_form(tmp_path, run_dir, images):
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
 
 
-def test_tta_votes_reproducibly(tmp_path, run_dir, images):
+def test_tta_votes_reproducibly(tmp_path, lenet_run_dir, images):
     path = saved(tmp_path, "x", images)
-    a = read_csv(predict(run_dir, path, tmp_path / "a.csv", tta=4))
-    b = read_csv(predict(run_dir, path, tmp_path / "b.csv", tta=4))
-    plain = read_csv(predict(run_dir, path, tmp_path / "c.csv"))
+    a = read_csv(predict(lenet_run_dir, path, tmp_path / "a.csv", tta=4))
+    b = read_csv(predict(lenet_run_dir, path, tmp_path / "b.csv", tta=4))
+    plain = read_csv(predict(lenet_run_dir, path, tmp_path / "c.csv"))
     assert a == b and a != plain
     with pytest.raises(FmnistBookError, match="tta"):
-        predict(run_dir, path, tmp_path / "d.csv", tta=-1)
+        predict(lenet_run_dir, path, tmp_path / "d.csv", tta=-1)
 
 
-def test_semisupervised_model_round_trip(tmp_path, dataset, images):
+def test_semisupervised_model_round_trip(tmp_path, toy_fashion_dataset, images):
     """A unit-input model (images / 255) behind the same command, with and without TTA."""
     cfg = semisup.SemiSupConfig.from_overrides({
         "epochs": 1, "batch_size": 16, "val_size": 50, "num_labels": 20, "latent_dim": 8, "branch_channels": [4, 8],
         "device": "cpu", "eval_batch_size": 100})
     run = tmp_path / "semisup"
-    model, *_ = semisup.train_semisup(cfg, "semisup_vae", dataset, run / "models" / "semisup_vae", log=lambda *_: None)
+    model, *_ = semisup.train_semisup(cfg, "semisup_vae", toy_fashion_dataset, run / "models" / "semisup_vae",
+                                      log=lambda *_: None)
     rebuilt, _ = semisup.load_trained_semisup(run / "models" / "semisup_vae" / "best.pt")
     for tta in (0, 3):
         expected = semisup.predict_semisup_proba(rebuilt, torch.from_numpy(images), tta=tta).argmax(1).numpy()
@@ -147,62 +129,62 @@ class Hostile:
         return (open, (self.path, "w"))
 
 
-def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path, run_dir, images):
+def test_bad_inputs_are_refused_and_nothing_is_written(tmp_path, lenet_run_dir, images):
     sentinel = tmp_path / "unpickled"
     for path, message in bad_inputs(tmp_path, images, sentinel):
         for out in (tmp_path / "out.npy", tmp_path / "out.csv"):
             with pytest.raises(FmnistBookError, match=message) as err:
-                predict(run_dir, path, out)
+                predict(lenet_run_dir, path, out)
             assert "expected" in str(err.value) or "numpy.save" in str(err.value) or message == "not found"
             assert not out.exists(), path.name
     assert not sentinel.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == []
 
 
-def test_input_must_be_npy(tmp_path, run_dir, images):
+def test_input_must_be_npy(tmp_path, lenet_run_dir, images):
     path = tmp_path / "x.txt"
     np.save(tmp_path / "x.npy", images)
     shutil.copy(tmp_path / "x.npy", path)
     with pytest.raises(FmnistBookError, match=r"\.npy file"):
-        predict(run_dir, path, tmp_path / "out.npy")
+        predict(lenet_run_dir, path, tmp_path / "out.npy")
 
 
-def test_outputs_are_never_overwritten_without_force(tmp_path, run_dir, images):
+def test_outputs_are_never_overwritten_without_force(tmp_path, lenet_run_dir, images):
     path = saved(tmp_path, "x", images)
     out = tmp_path / "labels.npy"
     out.write_bytes(b"precious")
     with pytest.raises(FmnistBookError, match="--force"):
-        predict(run_dir, path, out)
+        predict(lenet_run_dir, path, out)
     assert out.read_bytes() == b"precious"
-    predict(run_dir, path, out, force=True)
+    predict(lenet_run_dir, path, out, force=True)
     assert np.load(out).shape == (len(images),)
     for bad in ("labels.txt", "labels"):
         with pytest.raises(FmnistBookError, match="unknown output type"):
-            predict(run_dir, path, tmp_path / bad)
+            predict(lenet_run_dir, path, tmp_path / bad)
         assert not (tmp_path / bad).exists()
 
 
-def test_choosing_the_model(tmp_path, run_dir, images):
+def test_choosing_the_model(tmp_path, lenet_run_dir, images):
     path = saved(tmp_path, "x", images)
     two = tmp_path / "two"
-    shutil.copytree(run_dir, two)
+    shutil.copytree(lenet_run_dir, two)
     shutil.copytree(two / "models" / "lenet_avg", two / "models" / "copy")
     with pytest.raises(FmnistBookError, match="several models.*copy, lenet_avg"):
         predict(two, path, tmp_path / "a.npy")
     with pytest.raises(FmnistBookError, match="no finished model 'vgg'"):
         predict(two, path, tmp_path / "a.npy", model="vgg")
     a = np.load(predict(two, path, tmp_path / "a.npy", model="copy"))
-    b = np.load(predict(run_dir / "models" / "lenet_avg", path, tmp_path / "b.npy"))  # a model's own directory
+    b = np.load(predict(lenet_run_dir / "models" / "lenet_avg", path, tmp_path / "b.npy"))  # a model's own directory
     assert np.array_equal(a, b)
     with pytest.raises(FmnistBookError, match="not a finished run"):
         predict(tmp_path, path, tmp_path / "c.npy")
 
 
-def test_command_line(tmp_path, run_dir, images, capsys):
+def test_command_line(tmp_path, lenet_run_dir, images, capsys):
     parser = argparse.ArgumentParser(prog="fmnist-book")
     add_predict_parser(parser.add_subparsers(dest="command", required=True))
     path = saved(tmp_path, "x", images)
-    args = parser.parse_args(["predict", "--run", str(run_dir), "--input", str(path), "--output",
+    args = parser.parse_args(["predict", "--run", str(lenet_run_dir), "--input", str(path), "--output",
                               str(tmp_path / "out.csv"), "--tta", "2"])
     assert args.handler(args) == 0
     assert "out.csv" in capsys.readouterr().out
