@@ -18,7 +18,14 @@ from .errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML as people write numbers: ``1e-3`` is a float (plain YAML 1.1 wants ``1.0e-3``)."""
+    """YAML as people write numbers: ``1e-3`` is a float (plain YAML 1.1 wants ``1.0e-3``); mapping keys are
+    names (profiles, experiments, parameters, models) and stay strings as written."""
+
+    def construct_mapping(self, node, deep=False):
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import classify, metrics, semisup
-from .errors import FmnistBookError
+from .errors import FmnistBookError, one_line
 from .io import write_bytes_atomic
 from .train import load_trained, resolve_device
 
@@ -119,14 +119,15 @@ def read_array(path) -> np.ndarray:
         if "Object arrays" in str(err):
             reason = "it holds Python objects (an object array), which are never unpickled"
         elif _starts_like_npy(path):
-            reason = f"it is a truncated or corrupt .npy file ({err})"
+            reason = f"it is a truncated or corrupt .npy file ({one_line(err)})"
         else:
             reason = "it is not a NumPy array file (text or a pickle?)"
         raise FmnistBookError(f"{path}: cannot be read: {reason}; save a numeric array with numpy.save") from None
     except MemoryError as err:  # a corrupt header can declare any shape
-        raise FmnistBookError(f"{path}: cannot be read: {err} (a corrupt .npy header, or too large for memory)") from None
+        raise FmnistBookError(f"{path}: cannot be read: {one_line(err)} (a corrupt .npy header, or too large for "
+                              "memory)") from None
     except (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:  # BadZipFile: a corrupt .npz
-        raise FmnistBookError(f"{path}: not a readable .npy file ({err})") from None
+        raise FmnistBookError(f"{path}: not a readable .npy file ({one_line(err)})") from None
     if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
         array.close()
         raise FmnistBookError(f"{path}: is an .npz archive, not one array; save the images with numpy.save")

@@ -21,19 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import patterns
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 
-from fmnist_core import CLASS_NAMES, classify, cli, data, runner
-from fmnist_core.config import parse_cli_value
-from fmnist_core.data import ImageDataset
+from fmnist_core import classify, cli, data, runner
+from fmnist_core.config import load_yaml, parse_cli_value
 from fmnist_core.errors import ConfigError
 from fmnist_core.experiments import EXPERIMENTS
 from fmnist_core.fixmatch import FixMatchConfig
 from fmnist_core.semisup import SemiSupConfig
-from fmnist_core.train import TrainConfig
 
 # capsys is drained by readouterr() in every example, so one capsys serves all examples of a test; no example
 # database, so that running the tests leaves nothing in the working tree. A command costs about 0.07 s (the
@@ -213,6 +210,17 @@ ONCE_FAILING_INSIDE_A_RUN = [("dataset", "seed", -1), ("classification", "seed",
 RANGED = [(experiment, name) for experiment in EXPERIMENTS for name in parameters(experiment) if name in OUT_OF_RANGE]
 
 
+def run_with_parameter(capsys, results, data, experiment: str, name: str, value) -> tuple[int, str]:
+    """``run EXPERIMENT --profile <drawn> -p NAME <value as typed>``, checked to write nothing; (code, stderr)."""
+    text = typed(value)
+    assume(text is not None)
+    profile = data.draw(st.sampled_from(PROFILES))
+    with nothing_written(results):
+        code, _, err = run_cli(capsys, "--results-dir", results, "run", experiment, "--profile", profile,
+                               "-p", name, text)
+    return code, err
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @PER_EXPERIMENT
 @given(data=st.data())
@@ -229,12 +237,7 @@ def test_run_refuses_an_unknown_parameter(capsys, results, experiment, data):
 @given(data=st.data())
 def test_run_refuses_a_value_of_the_wrong_type(capsys, results, experiment, data):
     name, hint = data.draw(st.sampled_from(sorted(parameters(experiment).items())))
-    text = typed(data.draw(wrong_type(hint)))
-    assume(text is not None)
-    profile = data.draw(st.sampled_from(PROFILES))
-    with nothing_written(results):
-        code, _, err = run_cli(capsys, "--results-dir", results, "run", experiment, "--profile", profile,
-                               "-p", name, text)
+    code, err = run_with_parameter(capsys, results, data, experiment, name, data.draw(wrong_type(hint)))
     assert_refused(code, err, f"parameter {name!r} must be")
 
 
@@ -243,12 +246,7 @@ def test_run_refuses_a_value_of_the_wrong_type(capsys, results, experiment, data
 @given(data=st.data())
 def test_run_refuses_a_value_out_of_range(capsys, results, experiment, data):
     name = data.draw(st.sampled_from([n for e, n in RANGED if e == experiment]))
-    text = typed(data.draw(OUT_OF_RANGE[name]))
-    assume(text is not None)
-    profile = data.draw(st.sampled_from(PROFILES))
-    with nothing_written(results):
-        code, _, err = run_cli(capsys, "--results-dir", results, "run", experiment, "--profile", profile,
-                               "-p", name, text)
+    code, err = run_with_parameter(capsys, results, data, experiment, name, data.draw(OUT_OF_RANGE[name]))
     assert_refused(code, err, f"parameter {name!r}")
 
 
@@ -320,7 +318,7 @@ def test_unknown_parameters_and_wrong_types_in_a_profile_are_refused_naming_file
         parameter = data.draw(st.sampled_from(sorted(known)))
         value, expected = data.draw(wrong_type(known[parameter])), f"parameter {parameter!r} must be"
     content = yaml.safe_dump({name: {"experiments": {experiment: {parameter: value}}}})
-    assume(yaml.safe_load(content)[name]["experiments"][experiment] == {parameter: value})  # YAML keeps the value
+    assume(load_yaml(content)[name]["experiments"][experiment] == {parameter: value})  # read back as written
     path = write(profile_dir / "profiles.yml", content)
     message = load_refused(path)
     assert f"{path.name}: {name}.{experiment}" in message and expected in message
@@ -339,7 +337,7 @@ def test_an_experiment_entry_that_is_no_mapping_is_refused(profile_dir, name, ex
 @given(name=profile_names, experiment=st.one_of(words, whole).filter(lambda e: e not in EXPERIMENTS))
 def test_an_unknown_experiment_in_a_profile_is_refused(profile_dir, name, experiment):
     path = write(profile_dir / "profiles.yml", yaml.safe_dump({name: {"experiments": {experiment: {}}}}))
-    assert f"unknown experiment {experiment!r}" in load_refused(path)
+    assert f"unknown experiment {str(experiment)!r}" in load_refused(path)  # keys are names, read as written
 
 
 BROKEN_YAML = ["  experiments: [dataset\n", "x: 'unterminated\n", "\tdataset: {}\n", "a: b: c\n", "- [\n",
@@ -392,19 +390,6 @@ def test_experiment_and_profile_names_cannot_leave_the_results_folder(capsys, re
 
 # ------------------------------------------------------------------------------------ fmnist-book predict
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished classification run, run/models/lenet_avg/best.pt: one epoch on the toy patterns."""
-    train, train_labels = patterns(200)
-    test, test_labels = patterns(30, seed=1)
-    dataset = ImageDataset("toy", train, train_labels, test, test_labels, (0.3,), (0.3,), CLASS_NAMES)
-    run = tmp_path_factory.mktemp("run")
-    splits, _ = classify.make_splits(dataset, 50, 0)
-    cfg = TrainConfig.from_overrides({"epochs": 1, "batch_size": 32, "lr": 3e-3, "device": "cpu"})
-    classify.train_model("lenet_avg", cfg, splits, dataset, run / "models" / "lenet_avg", log=lambda *_: None)
-    return run
-
-
-@pytest.fixture(scope="module")
 def inbox(tmp_path_factory):
     return tmp_path_factory.mktemp("inbox")
 
@@ -415,9 +400,9 @@ def save(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def assert_predict_refuses(capsys, run_dir, source: Path, out_suffix: str, *names):
+def assert_predict_refuses(capsys, lenet_run_dir, source: Path, out_suffix: str, *names):
     out = source.parent / f"labels{out_suffix}"
-    code, _, err = run_cli(capsys, "predict", "--run", run_dir, "--input", source, "--output", out)
+    code, _, err = run_cli(capsys, "predict", "--run", lenet_run_dir, "--input", source, "--output", out)
     assert_refused(code, err, str(source), *names)
     assert not out.exists()
 
@@ -440,10 +425,10 @@ out_suffixes = st.sampled_from([".npy", ".csv"])
 
 @SETTINGS
 @given(shape=wrong_shapes, dtype=st.sampled_from([np.uint8, np.float32]), suffix=out_suffixes)
-def test_predict_refuses_a_wrong_shape(capsys, run_dir, inbox, shape, dtype, suffix):
+def test_predict_refuses_a_wrong_shape(capsys, lenet_run_dir, inbox, shape, dtype, suffix):
     source = save(inbox / "x.npy", np.zeros(shape, dtype))
     problem = "empty" if 0 in shape else f"shape {shape}"
-    assert_predict_refuses(capsys, run_dir, source, suffix, problem, "expected an array of shape (N, 28, 28)")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, problem, "expected an array of shape (N, 28, 28)")
 
 
 unsupported_dtypes = st.one_of(npst.boolean_dtypes(), npst.complex_number_dtypes(), npst.unicode_string_dtypes(),
@@ -454,9 +439,9 @@ unsupported_dtypes = st.one_of(npst.boolean_dtypes(), npst.complex_number_dtypes
 @pytest.mark.filterwarnings("ignore:Stored array in format 3.0")  # field names outside Latin-1 need it
 @SETTINGS
 @given(dtype=unsupported_dtypes, shape=image_shapes, suffix=out_suffixes)
-def test_predict_refuses_an_unsupported_dtype(capsys, run_dir, inbox, dtype, shape, suffix):
+def test_predict_refuses_an_unsupported_dtype(capsys, lenet_run_dir, inbox, dtype, shape, suffix):
     source = save(inbox / "x.npy", np.zeros(shape, dtype))
-    assert_predict_refuses(capsys, run_dir, source, suffix, "dtype", "is not supported")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, "dtype", "is not supported")
 
 
 @st.composite
@@ -470,18 +455,18 @@ def integers_outside_0_255(draw):
 
 @SETTINGS
 @given(case=integers_outside_0_255(), shape=image_shapes, where=st.integers(0, 2 * 784 - 1), suffix=out_suffixes)
-def test_predict_refuses_integers_outside_0_255(capsys, run_dir, inbox, case, shape, where, suffix):
+def test_predict_refuses_integers_outside_0_255(capsys, lenet_run_dir, inbox, case, shape, where, suffix):
     dtype, bad = case
     array = np.zeros(shape, dtype)
     array.reshape(-1)[where] = bad
     source = save(inbox / "x.npy", array)
-    assert_predict_refuses(capsys, run_dir, source, suffix, "outside [0, 255]")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, "outside [0, 255]")
 
 
 @SETTINGS
 @given(dtype=npst.floating_dtypes(), bad=st.floats(), shape=image_shapes, where=st.integers(0, 2 * 784 - 1),
        suffix=out_suffixes)
-def test_predict_refuses_floats_outside_0_1_nan_and_infinity(capsys, run_dir, inbox, dtype, bad, shape, where,
+def test_predict_refuses_floats_outside_0_1_nan_and_infinity(capsys, lenet_run_dir, inbox, dtype, bad, shape, where,
                                                               suffix):
     array = np.full(shape, 0.5, dtype)
     with np.errstate(over="ignore"):
@@ -490,7 +475,7 @@ def test_predict_refuses_floats_outside_0_1_nan_and_infinity(capsys, run_dir, in
     assume(not 0 <= stored <= 1)
     source = save(inbox / "x.npy", array)
     problem = "outside [0, 1]" if np.isfinite(stored) else "NaN or infinite"
-    assert_predict_refuses(capsys, run_dir, source, suffix, problem)
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, problem)
 
 
 python_values = st.recursive(st.none() | st.booleans() | whole | words | st.floats(allow_nan=False),
@@ -500,40 +485,40 @@ python_values = st.recursive(st.none() | st.booleans() | whole | words | st.floa
 
 @SETTINGS
 @given(value=python_values, shape=st.sampled_from([(1,), (3,), (2, 28, 28), (2, 784)]), suffix=out_suffixes)
-def test_predict_never_loads_an_object_array(capsys, run_dir, inbox, value, shape, suffix):
+def test_predict_never_loads_an_object_array(capsys, lenet_run_dir, inbox, value, shape, suffix):
     array = np.empty(shape, dtype=object)
     array.fill(value)
     source = save(inbox / "x.npy", array)
-    assert_predict_refuses(capsys, run_dir, source, suffix, "object array")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, "object array")
 
 
 @SETTINGS
 @given(value=python_values | st.just(np.zeros((2, 28, 28), np.uint8)), protocol=st.integers(0, pickle.HIGHEST_PROTOCOL),
        suffix=out_suffixes)
-def test_predict_refuses_a_pickle_named_npy(capsys, run_dir, inbox, value, protocol, suffix):
+def test_predict_refuses_a_pickle_named_npy(capsys, lenet_run_dir, inbox, value, protocol, suffix):
     source = write(inbox / "x.npy", pickle.dumps(value, protocol=protocol))
-    assert_predict_refuses(capsys, run_dir, source, suffix, "not a NumPy array file")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, "not a NumPy array file")
 
 
 @SETTINGS
 @given(arrays=st.lists(image_shapes.map(lambda s: np.zeros(s, np.uint8)), min_size=1, max_size=3),
        compressed=st.booleans(), suffix=out_suffixes)
-def test_predict_refuses_an_npz_archive(capsys, run_dir, inbox, arrays, compressed, suffix):
+def test_predict_refuses_an_npz_archive(capsys, lenet_run_dir, inbox, arrays, compressed, suffix):
     buffer = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buffer, *arrays)
     source = write(inbox / "x.npy", buffer.getvalue())
-    assert_predict_refuses(capsys, run_dir, source, suffix, ".npz archive")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, ".npz archive")
 
 
 @SETTINGS
 @given(shape=image_shapes, dtype=st.sampled_from([np.uint8, np.float32]), data=st.data(), suffix=out_suffixes)
-def test_predict_refuses_a_truncated_npy(capsys, run_dir, inbox, shape, dtype, data, suffix):
+def test_predict_refuses_a_truncated_npy(capsys, lenet_run_dir, inbox, shape, dtype, data, suffix):
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(shape, dtype))
     whole_file = buffer.getvalue()
     cut = data.draw(st.integers(0, len(whole_file) - 1), label="bytes kept")
     source = write(inbox / "x.npy", whole_file[:cut])
-    assert_predict_refuses(capsys, run_dir, source, suffix, "truncated or corrupt" if cut else "not a readable")
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix, "truncated or corrupt" if cut else "not a readable")
 
 
 # A .npy header that may lie: any dtype text, any shape (huge ones included), any order flag.
@@ -566,16 +551,16 @@ def npy_header(header: str) -> bytes:
                                b"\x1f\x8b"]), st.binary(max_size=600)).map(b"".join),
     st.tuples(lying_headers.map(npy_header), st.binary(max_size=64)).map(b"".join),
     words.map(str.encode)), suffix=out_suffixes)
-def test_predict_refuses_bytes_that_are_no_array_file(capsys, run_dir, inbox, content, suffix):
+def test_predict_refuses_bytes_that_are_no_array_file(capsys, lenet_run_dir, inbox, content, suffix):
     source = write(inbox / "x.npy", content)
     assume(not holds_images(source))  # a lying header can still describe a valid array by chance
-    assert_predict_refuses(capsys, run_dir, source, suffix)
+    assert_predict_refuses(capsys, lenet_run_dir, source, suffix)
 
 
-def test_predict_refuses_an_output_inside_a_file(capsys, run_dir, inbox):
+def test_predict_refuses_an_output_inside_a_file(capsys, lenet_run_dir, inbox):
     source = save(inbox / "images.npy", np.zeros((2, 28, 28), np.uint8))
     blocker = write(inbox / "not_a_folder", b"precious")
-    code, _, err = run_cli(capsys, "predict", "--run", run_dir, "--input", source,
+    code, _, err = run_cli(capsys, "predict", "--run", lenet_run_dir, "--input", source,
                            "--output", blocker / "labels.npy")
     assert_refused(code, err, str(blocker))
     assert blocker.read_bytes() == b"precious"
