@@ -6,13 +6,13 @@ Run from the project root::
     .venv/bin/python bench/fixmatch_bench.py --device cuda --backbone wrn28_2 --dtype bfloat16 \\
         --out bench/results/fixmatch_cuda.json
 
-Both pipelines train the same seeded model with the same step (``fmnist_core.fixmatch.train_step``: one
+Both pipelines train the same seeded model with the same step (``fmnist_core.chapters.fixmatch.algorithm.train_step``: one
 forward pass over B labeled, mu*B weak and mu*B strong images, the FixMatch loss, SGD with Nesterov and the
 FixMatch schedule, then the EMA update); only the way the batch is made differs:
 
-(a) ``device``: this project's pipeline, :class:`fmnist_core.fixmatch.FixMatchBatches` — the whole training
+(a) ``device``: this project's pipeline, :class:`fmnist_core.chapters.fixmatch.algorithm.FixMatchBatches` — the whole training
     set as one ``uint8`` tensor on the device, batches cut from it and augmented there, batched (pad-and-crop,
-    flip, :func:`fmnist_core.randaugment.rand_augment` with Cutout);
+    flip, :func:`fmnist_core.core.randaugment.rand_augment` with Cutout);
 (b) ``dataloader``: the pipeline of the public PyTorch implementations (e.g. kekmodel/FixMatch-pytorch) — a
     ``Dataset`` returning PIL images, per-image torchvision transforms (RandomHorizontalFlip,
     RandomCrop(padding 12.5 %, reflect), for the strong view ``RandAugment(num_ops=2, magnitude=10)`` and a
@@ -42,13 +42,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing the package
 
-from fmnist_core.data import load_dataset  # noqa: E402
-from fmnist_core.fixmatch import (EMA, Batch, FixMatchBatches, FixMatchConfig, labeled_indices,  # noqa: E402
+from fmnist_core.core.data import load_dataset  # noqa: E402
+from fmnist_core.chapters.fixmatch.algorithm import (EMA, Batch, FixMatchBatches, FixMatchConfig, labeled_indices,  # noqa: E402
                                   make_fixmatch_schedule, train_step, weak_pad)
-from fmnist_core.io import write_json  # noqa: E402
-from fmnist_core.metrics import cpu_description  # noqa: E402
-from fmnist_core.models import build_model  # noqa: E402
-from fmnist_core.train import Split, make_optimizer, prepare_model, resolve_device  # noqa: E402
+from fmnist_core.core.io import write_json  # noqa: E402
+from fmnist_core.core.metrics import cpu_description  # noqa: E402
+from fmnist_core.core.models import build_model  # noqa: E402
+from fmnist_core.core.data import Split  # noqa: E402
+from fmnist_core.core.train import make_optimizer, prepare_model, resolve_device  # noqa: E402
 
 SEED = 0
 

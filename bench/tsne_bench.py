@@ -1,4 +1,4 @@
-"""Benchmark: openTSNE (``fmnist_core.embed.embed_tsne``) against scikit-learn's ``TSNE`` on layer activations.
+"""Benchmark: openTSNE (``fmnist_core.core.embed.embed_tsne``) against scikit-learn's ``TSNE`` on layer activations.
 
 Run from the project root::
 
@@ -34,12 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing the package
 
-from fmnist_core.activations import capture_activations, embedding_trustworthiness  # noqa: E402
-from fmnist_core.data import balanced_subset, load_fashion_mnist, normalize  # noqa: E402
-from fmnist_core.embed import embed_tsne  # noqa: E402
-from fmnist_core.io import write_json  # noqa: E402
-from fmnist_core.metrics import cpu_description  # noqa: E402
-from fmnist_core.models import build_model  # noqa: E402
+from fmnist_core.core.activations import capture_activations, embedding_trustworthiness  # noqa: E402
+from fmnist_core.core.data import balanced_subset, load_fashion_mnist, normalize  # noqa: E402
+from fmnist_core.core.embed import embed_tsne  # noqa: E402
+from fmnist_core.core.io import write_json  # noqa: E402
+from fmnist_core.core.metrics import cpu_description  # noqa: E402
+from fmnist_core.core.models import build_model  # noqa: E402
 
 PERPLEXITY = 30.0
 EXAGGERATION_ITER = 250  # both libraries' early-exaggeration phase (fixed in scikit-learn)

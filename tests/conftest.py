@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_core import CLASS_NAMES, classify
-from fmnist_core.data import ImageDataset
-from fmnist_core.train import TrainConfig
+from fmnist_core.core.data import CLASS_NAMES
+from fmnist_core.chapters import classification as classify
+from fmnist_core.core.data import ImageDataset, make_splits
+from fmnist_core.core.train import TrainConfig
 
-CLI = [sys.executable, "-m", "fmnist_core.cli"]
+CLI = [sys.executable, "-m", "fmnist_core.pipeline.cli"]
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ def toy_fashion_dataset():
 def lenet_run_dir(tmp_path_factory, toy_fashion_dataset):
     """A finished classification run, ``run/models/lenet_avg/best.pt``: one epoch on the toy data."""
     run = tmp_path_factory.mktemp("run")
-    splits, _ = classify.make_splits(toy_fashion_dataset, 50, 0)
+    splits, _ = make_splits(toy_fashion_dataset, 50, 0)
     cfg = TrainConfig.from_overrides({"epochs": 1, "batch_size": 32, "lr": 3e-3, "device": "cpu"})
     classify.train_model("lenet_avg", cfg, splits, toy_fashion_dataset, run / "models" / "lenet_avg",
                          log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""Tests for fmnist_core.activations: hook-based capture, separability scores, embeddings, the layer report."""
+"""Tests for fmnist_core.core.activations: hook-based capture, separability scores, embeddings, the layer report."""
 
 import json
 
@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from openTSNE import initialization
 
-from fmnist_core.activations import (capture_activations, embedding_trustworthiness, layer_report,
+from fmnist_core.core.activations import (capture_activations, embedding_trustworthiness, layer_report,
                                      separability)
-from fmnist_core.embed import embed_pca, embed_tsne
-from fmnist_core.models import build_model, list_models
+from fmnist_core.core.embed import embed_pca, embed_tsne
+from fmnist_core.core.models import build_model, list_models
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

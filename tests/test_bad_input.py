@@ -25,12 +25,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 
-from fmnist_core import classify, cli, data, runner
-from fmnist_core.config import load_yaml, parse_cli_value
-from fmnist_core.errors import ConfigError
-from fmnist_core.experiments import EXPERIMENTS
-from fmnist_core.fixmatch import FixMatchConfig
-from fmnist_core.semisup import SemiSupConfig
+from fmnist_core.chapters import classification as classify
+from fmnist_core.pipeline import cli
+from fmnist_core.core import data
+from fmnist_core.pipeline import runner
+from fmnist_core.core.config import load_yaml, parse_cli_value
+from fmnist_core.core.errors import ConfigError
+from fmnist_core.pipeline.experiments import EXPERIMENTS
+from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig
+from fmnist_core.chapters.semisupervised.model import SemiSupConfig
 
 # capsys is drained by readouterr() in every example, so one capsys serves all examples of a test; no example
 # database, so that running the tests leaves nothing in the working tree. A command costs about 0.07 s (the

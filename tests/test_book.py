@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_core.book import chapter_pages
-from fmnist_core.experiments import EXPERIMENTS
+from fmnist_core.pipeline.book import chapter_pages
+from fmnist_core.pipeline.experiments import EXPERIMENTS
 
 from conftest import CLI, visible_text
 

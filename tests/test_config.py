@@ -1,10 +1,10 @@
 """Parameter validation: names, types and ranges are checked before any work; the profile file is valid."""
 import pytest
 
-from fmnist_core.classify import ClassificationConfig
-from fmnist_core.config import parse_cli_value
-from fmnist_core.errors import ConfigError
-from fmnist_core.runner import load_profiles, resolve_params
+from fmnist_core.chapters.classification import ClassificationConfig
+from fmnist_core.core.config import parse_cli_value
+from fmnist_core.core.errors import ConfigError
+from fmnist_core.pipeline.runner import load_profiles, resolve_params
 
 
 def test_defaults_are_valid():

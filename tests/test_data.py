@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist_core import data
-from fmnist_core.errors import DataError
+from fmnist_core.core import data
+from fmnist_core.core.errors import DataError
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

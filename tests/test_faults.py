@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_core import book, cli, runner
-from fmnist_core.errors import FmnistBookError
-from fmnist_core.io import load_checkpoint, read_json, save_checkpoint, write_json
+from fmnist_core.pipeline import book
+from fmnist_core.pipeline import cli
+from fmnist_core.pipeline import runner
+from fmnist_core.core.errors import FmnistBookError
+from fmnist_core.core.io import load_checkpoint, read_json, save_checkpoint, write_json
 
 from conftest import CLI, visible_text
 
@@ -157,7 +159,7 @@ def test_killing_the_command_mid_training_then_rerunning_resumes_to_the_same_met
 
 WRITER = """
 import sys, torch
-from fmnist_core.io import save_checkpoint, write_json
+from fmnist_core.core.io import save_checkpoint, write_json
 folder, i = sys.argv[1], 0
 print("ready", flush=True)
 while True:

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from fmnist_core import randaugment as ra
-from fmnist_core.data import ImageDataset
-from fmnist_core.errors import ConfigError, RunError
-from fmnist_core.fixmatch import (EMA, EpochStream, FixMatchBatches, FixMatchConfig, fixmatch_loss,
+from fmnist_core.core import randaugment as ra
+from fmnist_core.core.data import ImageDataset
+from fmnist_core.core.errors import ConfigError, RunError
+from fmnist_core.chapters.fixmatch.algorithm import (EMA, EpochStream, FixMatchBatches, FixMatchConfig, fixmatch_loss,
                                   fixmatch_lr_factor, labeled_indices, make_fixmatch_schedule, train_fixmatch,
                                   train_step)
-from fmnist_core.io import load_checkpoint
-from fmnist_core.train import Split
+from fmnist_core.core.io import load_checkpoint
+from fmnist_core.core.data import Split
 
 CLASSES = tuple(f"class {i}" for i in range(10))
 
@@ -296,7 +296,7 @@ def test_supervised_baseline_uses_labeled_images_only(tmp_path):
 
 
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path, monkeypatch):
-    import fmnist_core.train as train_module
+    import fmnist_core.core.train as train_module
     logs = []
     full_model, full_history = train_fixmatch(config(), toy_dataset(), tmp_path / "full", log=logs.append)
 

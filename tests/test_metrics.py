@@ -1,4 +1,4 @@
-"""Tests for fmnist_core.metrics, using scikit-learn as the reference."""
+"""Tests for fmnist_core.core.metrics, using scikit-learn as the reference."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-from fmnist_core import metrics as M
+from fmnist_core.core import metrics as M
 
 N, K = 500, 10
 RARE = (3, 7)  # classes pushed down so they are seldom predicted

@@ -1,10 +1,10 @@
-"""Tests for fmnist_core.models: shapes, logits, parameter counts, registry errors, learning."""
+"""Tests for fmnist_core.core.models: shapes, logits, parameter counts, registry errors, learning."""
 
 import pytest
 import torch
 from torch import nn
 
-from fmnist_core.models import MODELS, build_model, count_parameters, list_models, register
+from fmnist_core.core.models import MODELS, build_model, count_parameters, list_models, register
 
 ALL = list_models()
 INPUTS = [(1, 28), (3, 32), (1, 32)]

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist_core import CLASS_NAMES, classify, semisup
-from fmnist_core.errors import FmnistBookError
-from fmnist_core.predict import add_predict_parser, predict
-from fmnist_core.train import load_trained
+from fmnist_core.core.data import CLASS_NAMES
+from fmnist_core.chapters.semisupervised import model as semisup
+from fmnist_core.core.errors import FmnistBookError
+from fmnist_core.pipeline.predict import add_predict_parser, predict
+from fmnist_core.core.train import load_trained
+from fmnist_core.core.models import rebuild
+from fmnist_core.core.data import Split
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,8 +48,8 @@ def read_csv(path):
 
 
 def test_round_trip_same_labels_in_every_form(tmp_path, lenet_run_dir, images):
-    model, state = load_trained(lenet_run_dir / "models" / "lenet_avg" / "best.pt", classify.rebuild)
-    split = classify.Split(torch.from_numpy(images), torch.zeros(len(images)), (0.3,), (0.3,))
+    model, state = load_trained(lenet_run_dir / "models" / "lenet_avg" / "best.pt", rebuild)
+    split = Split(torch.from_numpy(images), torch.zeros(len(images)), (0.3,), (0.3,))
     expected = model(split.inputs()).argmax(1).numpy()  # the chapter's own standardisation
     for name, array in forms(images).items():
         out = predict(lenet_run_dir, saved(tmp_path, name, array), tmp_path / f"{name}_labels.npy")

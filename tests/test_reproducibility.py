@@ -5,10 +5,10 @@ import subprocess
 
 import pytest
 
-from fmnist_core import cli
-from fmnist_core.experiments import EXPERIMENTS
-from fmnist_core.io import read_json, write_json
-from fmnist_core.verify import compare, format_comparison
+from fmnist_core.pipeline import cli
+from fmnist_core.pipeline.experiments import EXPERIMENTS
+from fmnist_core.core.io import read_json, write_json
+from fmnist_core.pipeline.verify import compare, format_comparison
 
 from conftest import CLI
 

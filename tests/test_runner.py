@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from fmnist_core import cli, runner
-from fmnist_core.errors import ConfigError, RunError
+from fmnist_core.pipeline import cli
+from fmnist_core.pipeline import runner
+from fmnist_core.core.errors import ConfigError, RunError
 
 
 def run_cli(capsys, *argv):

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_core import semisup
-from fmnist_core.data import make_generator
-from fmnist_core.errors import ConfigError
-from fmnist_core.io import load_checkpoint
-from fmnist_core.vae import kl_divergence, reconstruction_loss
+from fmnist_core.chapters.semisupervised import model as semisup
+from fmnist_core.core.data import make_generator
+from fmnist_core.core.errors import ConfigError
+from fmnist_core.core.io import load_checkpoint
+from fmnist_core.core.generative import kl_divergence, reconstruction_loss
 
 from conftest import patterns, toy_dataset
 

@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
-from fmnist_core.errors import FmnistBookError, RunError
-from fmnist_core.io import load_checkpoint, save_checkpoint
-from fmnist_core.models import build_model
-from fmnist_core.train import Split, TrainConfig, configure_numerics, evaluate, fit, lr_factor
+from fmnist_core.core.errors import FmnistBookError, RunError
+from fmnist_core.core.io import load_checkpoint, save_checkpoint
+from fmnist_core.core.models import build_model
+from fmnist_core.core.data import Split
+from fmnist_core.core.train import TrainConfig, configure_numerics, evaluate, fit, lr_factor
 
 
 def toy_split(n=200, seed=0):
@@ -50,7 +51,7 @@ def test_resume_from_mid_run_checkpoint_is_bit_identical(tmp_path):
         if stop_after is None:
             return model, fit(model, toy_split(), toy_split(seed=1), cfg, out, log=logs.append)
         # Interrupt: the loop raises when epoch `stop_after` has been checkpointed.
-        import fmnist_core.train as train_module
+        import fmnist_core.core.train as train_module
         original = train_module.Checkpointer.save_last
 
         def save_then_die(self, **state):

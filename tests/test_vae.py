@@ -8,10 +8,11 @@ import pytest
 import torch
 from sklearn.utils import Bunch
 
-from fmnist_core import lfw, vae
-from fmnist_core.data import make_generator
-from fmnist_core.errors import ConfigError, DataError
-from fmnist_core.io import load_checkpoint
+from fmnist_core.core import lfw
+from fmnist_core.chapters import vae
+from fmnist_core.core.data import make_generator
+from fmnist_core.core.errors import ConfigError, DataError
+from fmnist_core.core.io import load_checkpoint
 
 from conftest import patterns, toy_dataset
 
@@ -219,8 +220,8 @@ def test_load_lfw_fetch_failure_is_a_data_error(monkeypatch):
 
 
 def test_pick_pair_returns_two_different_images_of_the_asked_classes():
-    from fmnist_core.data import make_generator
-    from fmnist_core.vae import pick_pair
+    from fmnist_core.core.data import make_generator
+    from fmnist_core.chapters.vae import pick_pair
     labels = torch.tensor([0, 1, 1, 2, 0])
     images = torch.arange(5).view(5, 1, 1, 1).float()
     a, b = pick_pair(images, labels, 1, 1, make_generator(0))

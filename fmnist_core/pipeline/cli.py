@@ -5,14 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import parse_cli_value
-from .errors import FmnistBookError
+from fmnist_core.core.config import parse_cli_value
+from fmnist_core.core.errors import FmnistBookError
 
 DEFAULT_PROFILE = "quick"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .runner import DEFAULT_RESULTS
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS
     parser = argparse.ArgumentParser(prog="fmnist-book", description="Reproducible Fashion-MNIST report book.")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS, help="where runs are stored")
     parser.add_argument("--data-dir", type=Path, default=None, help="directory holding the Fashion-MNIST IDX files")
@@ -42,13 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list experiments, their parameters and the profiles")
     sub.add_parser("data", help="find (or download) Fashion-MNIST, verify it, and say where it is")
-    from .predict import add_predict_parser
+    from fmnist_core.pipeline.predict import add_predict_parser
     add_predict_parser(sub)
     return parser
 
 
 def cmd_run(args) -> int:
-    from .runner import run_experiment
+    from fmnist_core.pipeline.runner import run_experiment
     overrides = {}
     for name, value in args.param:
         if name in overrides:
@@ -62,9 +62,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from . import book
-    from .io import PROJECT_ROOT
-    from .runner import get_profile, run_profile
+    from fmnist_core.pipeline import book
+    from fmnist_core.core.io import PROJECT_ROOT
+    from fmnist_core.pipeline.runner import get_profile, run_profile
     get_profile(args.profile)
     results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)
     output = (args.output_dir or PROJECT_ROOT / "_build" / args.profile).resolve()
@@ -78,13 +78,13 @@ def cmd_build(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from .runner import results_table
+    from fmnist_core.pipeline.runner import results_table
     print(results_table(args.profile, Path(args.results_dir)))
     return 0
 
 
 def cmd_status(args) -> int:
-    from .runner import run_states
+    from fmnist_core.pipeline.runner import run_states
     for experiment, state in run_states(args.profile, args.results_dir):
         print(f"{experiment:<16} {state}")
     return 0
@@ -92,7 +92,7 @@ def cmd_status(args) -> int:
 
 def cmd_verify(args) -> int:
     """Exit status 0 when every run reproduced, 1 when one did not."""
-    from .verify import finished_runs, format_comparison, verify_run
+    from fmnist_core.pipeline.verify import finished_runs, format_comparison, verify_run
     results = []
     for run_dir in finished_runs(args.run_dir):
         results.append(verify_run(run_dir, args.data_dir, args.keep))
@@ -104,8 +104,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .experiments import EXPERIMENTS
-    from .runner import load_profiles
+    from fmnist_core.pipeline.experiments import EXPERIMENTS
+    from fmnist_core.pipeline.runner import load_profiles
     for name, exp in EXPERIMENTS.items():
         print(f"{name}: {exp.title} (notebooks/{name}.ipynb)")
         for param, kind, default, help_text in exp.config.describe():
@@ -117,7 +117,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import locate_fashion_mnist, read_verified_idx, FASHION_MNIST_SHA256
+    from fmnist_core.core.data import locate_fashion_mnist, read_verified_idx, FASHION_MNIST_SHA256
     paths = locate_fashion_mnist(args.data_dir)
     for stem, path in paths.items():
         shape = read_verified_idx(path, stem, FASHION_MNIST_SHA256[stem]).shape
@@ -126,7 +126,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .predict import cmd_predict as predict_command
+    from fmnist_core.pipeline.predict import cmd_predict as predict_command
     return predict_command(args)
 
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import classify, metrics, semisup
-from .errors import FmnistBookError, one_line
-from .io import write_bytes_atomic
-from .train import load_trained, resolve_device
+from fmnist_core.chapters.semisupervised import model as semisup
+from fmnist_core.chapters.semisupervised.model import class_probabilities
+from fmnist_core.core.errors import FmnistBookError, one_line
+from fmnist_core.core.io import write_bytes_atomic
+from fmnist_core.core.models import rebuild
+from fmnist_core.core.train import load_trained, resolve_device
 
 OUTPUT_SUFFIXES = (".npy", ".csv")
 _REQUIRED_KEYS = ("model", "in_channels", "image_size", "class_names")
@@ -69,26 +71,9 @@ def rebuild_classifier(config: dict) -> torch.nn.Module:
     try:
         if config["model"] in semisup.REBUILDABLE:
             return semisup.rebuild_semisup(config)
-        return classify.rebuild(config)
+        return rebuild(config)
     except (KeyError, ValueError) as err:
         raise FmnistBookError(f"cannot rebuild model {config['model']!r} from the checkpoint: {err}") from None
-
-
-def class_probabilities(model: torch.nn.Module, config: dict, images: torch.Tensor, tta: int = 0,
-                        batch_size: int = 256) -> torch.Tensor:
-    """Softmax probabilities (N, K) on the CPU for images in [0, 1] (float, N x C x H x W, on the model's
-    device), fed as the checkpoint's ``input`` field says; ``tta`` extra shifted/flipped copies are
-    averaged in (:func:`fmnist_core.metrics.predict_proba`)."""
-    kind = config.get("input", "standardised")
-    if kind == "unit":
-        return semisup.predict_semisup_proba(model, images, tta, batch_size)
-    if kind != "standardised":
-        raise FmnistBookError(f"the checkpoint's input kind {kind!r} is unknown (expected 'unit' or 'standardised')")
-    shape = (1, -1, 1, 1)
-    mean = torch.tensor(config["mean"], device=images.device).view(shape)
-    std = torch.tensor(config["std"], device=images.device).view(shape)
-    return metrics.predict_proba(model, (images - mean) / std, batch_size, tta,
-                                 classify.tta_augment(config["mean"], config["std"]) if tta else None)
 
 
 # ------------------------------------------------------------------------------------------ the input

@@ -14,10 +14,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FmnistBookError
-from .experiments import EXPERIMENTS, get_experiment
-from .io import read_json
-from .runner import describe_error, execute_notebook, run_device, run_key
+from fmnist_core.core.errors import FmnistBookError
+from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
+from fmnist_core.core.io import read_json
+from fmnist_core.pipeline.runner import describe_error, execute_notebook, run_device, run_key
 
 ATOL, RTOL = 0.01, 0.02
 
@@ -118,7 +118,7 @@ def _drift_notes(env: dict, run_dir: Path, device) -> list[str]:
     """What differs between the recorded run and this re-run besides chance: code, threads, device."""
     import torch
 
-    from .train import numerics_mode
+    from fmnist_core.core.train import numerics_mode
     notes = []
     if run_key(env["experiment"], env["profile"], env["params"], run_dir.parent.parent) != env.get("key"):
         notes.append("the notebook, the code or an upstream run changed since this run (its key differs): "

@@ -6,15 +6,17 @@ caught before any training starts; the resolved values are stored in every check
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
-from .errors import ConfigError
+from fmnist_core.core.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
@@ -96,22 +98,37 @@ class Config:
                         raise ConfigError(f"{where}: parameter {name!r} must be {_type_name(hints[name])}, "
                                           f"got {value!r} ({type(value).__name__})")
                 values[name] = float(value) if hints[name] is float else value
-        config = cls(**values)
-        config.check()
+        with untraced():
+            config = cls(**values)
+            config.check()
         return config
 
     def check(self) -> None:
-        """Raise ``ConfigError`` naming the first parameter whose value is impossible."""
+        """Raise ``ConfigError`` naming the first parameter whose value is impossible.
+
+        Groups of parameters are mixed into an experiment's config by inheritance; each group's ``check``
+        calls ``super().check()`` so that every group of the composition is checked."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        with untraced():
+            return dataclasses.asdict(self)
 
     def narrow(self, target: type, *layers: dict, where: str = "parameters"):
-        """This config's values of the fields ``target`` has (a parent class, say), updated by ``layers``,
-        validated as a ``target``: how a study derives the configuration of one of its runs."""
+        """This config's values of the fields ``target`` has, updated by ``layers``, validated as a
+        ``target``: how a study derives the configuration of one of its jobs.
+
+        When parameter reads are traced (:func:`trace_reads`), reading a field of the derived config that
+        came from this one counts as reading it here too."""
         names = {f.name for f in dataclasses.fields(target)}
         shared = {k: v for k, v in self.to_dict().items() if k in names}
-        return target.from_overrides(shared, *layers, where=where)
+        derived = target.from_overrides(shared, *layers, where=where)
+        overridden = {k for layer in layers for k in (layer or {})}
+        object.__setattr__(derived, "_parents", [(self, set(shared) - overridden)])
+        return derived
+
+    def fields_read(self) -> set[str]:
+        """The parameters read so far (only recorded while :func:`trace_reads` is on)."""
+        return set(self.__dict__.get("_reads", ()))
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, object, str]]:
@@ -140,3 +157,46 @@ def require(condition: bool, name: str, message: str) -> None:
 def require_choice(value, name: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"parameter {name!r}: " + unknown_name_message("value", value, choices))
+
+
+# ------------------------------------------------------------------------------- which parameters are read
+# A parameter that a run never reads is one the user could set to no effect. With the environment variable
+# FMNIST_TRACE_PARAMS=1, every read of a config field by the code that runs is recorded (validation,
+# ``to_dict`` and ``narrow`` do not count), so a test can prove each experiment reads all of its parameters.
+_PAUSED = [0]
+
+
+@contextlib.contextmanager
+def untraced():
+    """Reads of config fields inside this block are not recorded (validation, serialisation)."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
+
+
+def _mark_read(config, name: str) -> None:
+    config.__dict__.setdefault("_reads", set()).add(name)
+    for parent, names in config.__dict__.get("_parents", ()):
+        if name in names:
+            _mark_read(parent, name)
+
+
+def _traced_getattribute(self, name):
+    value = object.__getattribute__(self, name)
+    if not _PAUSED[0] and not name.startswith("_") and name in type(self).__dataclass_fields__:
+        _mark_read(self, name)
+    return value
+
+
+def trace_reads(enabled: bool = True) -> None:
+    """Record which config fields are read (see :meth:`Config.fields_read`)."""
+    if enabled:
+        Config.__getattribute__ = _traced_getattribute
+    elif "__getattribute__" in Config.__dict__:
+        del Config.__getattribute__
+
+
+if os.environ.get("FMNIST_TRACE_PARAMS") == "1":
+    trace_reads()

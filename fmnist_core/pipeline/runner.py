@@ -22,10 +22,11 @@ from pathlib import Path
 
 import yaml
 
-from .config import load_yaml, unknown_name_message
-from .errors import ConfigError, FmnistBookError, RunError
-from .experiments import EXPERIMENTS, get_experiment
-from .io import PROJECT_ROOT, read_json, write_json
+from fmnist_core.core.config import load_yaml, unknown_name_message
+from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
+from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
+from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
+from fmnist_core.core.jobs import imported_modules, source_hashes
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 PROFILES_PATH = PROJECT_ROOT / "profiles.yml"
@@ -84,12 +85,16 @@ def key_parts(experiment: str, profile: str, params: dict, results_dir: Path) ->
     return {"experiment": experiment, "profile": profile,
             "parameters": _sha256(json.dumps(params, sort_keys=True).encode()),
             "notebook": _sha256(notebook_path(experiment).read_bytes()),
-            "sources": {f"fmnist_core/{m}.py": _sha256(module_source(m)) for m in sorted(exp.modules)},
-            "upstream": {dep: finished_key(Path(results_dir) / profile / dep) or "missing" for dep in exp.requires}}
+            "sources": source_hashes(notebook_modules(experiment)),
+            "upstream": {dep: finished_key(Path(results_dir) / profile / dep) or "missing"
+                         for dep in exp.requires + exp.reads}}
 
 
-def module_source(module: str) -> bytes:
-    return (Path(__file__).parent / f"{module}.py").read_bytes()
+def notebook_modules(experiment: str) -> list[str]:
+    """The ``fmnist_core`` modules the experiment's notebook imports (their closure is in its key)."""
+    cells = read_json(notebook_path(experiment))["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return sorted(imported_modules(code))
 
 
 def run_key(experiment: str, profile: str, params: dict, results_dir: Path) -> str:
@@ -262,7 +267,7 @@ def environment_record(experiment, profile, params, parts, seconds, overrides) -
 
     import torch
 
-    from .train import numerics_mode
+    from fmnist_core.core.train import numerics_mode
     versions = {}
     for package in ("torch", "torchvision", "numpy", "scikit-learn", "openTSNE", "papermill", "jupyter-book"):
         try:
@@ -284,7 +289,7 @@ def environment_record(experiment, profile, params, parts, seconds, overrides) -
 
 def run_device(params: dict):
     """The device a run with ``params`` trains on here (``device`` "auto" picks CUDA when present)."""
-    from .train import resolve_device
+    from fmnist_core.core.train import resolve_device
     return resolve_device(params.get("device", "auto"))
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .activations import capture_activations, layer_report
-from .classify import rebuild
-from .config import Config, param, require, require_choice
-from .data import balanced_subset, load_dataset, normalize
-from .errors import RunError
-from .train import configure_numerics, load_trained, resolve_device
+from fmnist_core.core.activations import capture_activations, layer_report
+from fmnist_core.core.config import Config, param, require, require_choice
+from fmnist_core.core.data import balanced_subset, load_dataset, normalize
+from fmnist_core.core.errors import RunError
+from fmnist_core.core.models import rebuild
+from fmnist_core.core.train import configure_numerics, load_trained, resolve_device
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LayerwiseConfig(Config):
     seed: int = param(0, "seed of the image choice, the untrained weights, PCA, t-SNE and the k-NN folds")
     n_jobs: int = param(2, "threads for t-SNE")
     device: str = param("auto", "auto | cpu | cuda (for the forward passes)")
-    deterministic: bool = param(False, "CUDA: deterministic kernels (see fmnist_core.train.configure_numerics)")
+    deterministic: bool = param(False, "CUDA: deterministic kernels (see fmnist_core.core.train.configure_numerics)")
 
     def check(self) -> None:
         require(len(self.models) > 0, "models", "must name at least one model")

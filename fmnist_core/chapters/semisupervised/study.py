@@ -7,14 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
-from .classify import Splits, subset
-from .config import param, require
-from .data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset
-from .predict import class_probabilities
-from .semisup import SemiSupConfig, load_trained_semisup, semisup_splits, train_semisup
-from .train import Split
-from .vae import to_unit
+from fmnist_core.core import metrics
+from fmnist_core.core.config import param, require
+from fmnist_core.core.data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, Splits, subset
+from fmnist_core.chapters.semisupervised.model import SemiSupConfig, class_probabilities, load_trained_semisup, semisup_splits, train_semisup
+from fmnist_core.core.generative import to_unit
 
 
 @dataclass

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import difflib
 from collections import OrderedDict
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fmnist_core.core.data import ImageDataset
 
 __all__ = [
     "MODELS", "register", "build_model", "list_models", "count_parameters",
@@ -431,3 +434,16 @@ class SmallCNN(_LayeredNet):
             pool2=nn.MaxPool2d(2),
             pool=_global_pool(), fc=nn.Linear(64, num_classes),
         ))
+
+
+def model_meta(name: str, ds: ImageDataset) -> dict:
+    """What ``predict`` needs to rebuild and feed the model, stored in its checkpoints."""
+    c, h, _ = ds.image_shape
+    return {"model": name, "in_channels": c, "image_size": h, "mean": list(ds.mean), "std": list(ds.std),
+            "class_names": list(ds.class_names)}
+
+
+def rebuild(config: dict) -> torch.nn.Module:
+    """Build the architecture named in a checkpoint's config."""
+    return build_model(config["model"], in_channels=config["in_channels"], image_size=config["image_size"],
+                       num_classes=len(config["class_names"]))

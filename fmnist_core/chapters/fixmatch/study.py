@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import metrics
-from .config import param, require
-from .data import TRAIN_IMAGES, ImageDataset
-from .fixmatch import FixMatchConfig, train_fixmatch
-from .errors import FmnistBookError
-from .io import read_json
+from fmnist_core.core import metrics
+from fmnist_core.core.config import param, require
+from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset
+from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, train_fixmatch
+from fmnist_core.core.errors import FmnistBookError
+from fmnist_core.core.io import read_json
 
 
 @dataclass
@@ -66,9 +66,10 @@ def run_study(cfg: FixMatchStudyConfig, ds: ImageDataset, run_dir, log=print) ->
 
 def test_confusion(run_path, cfg: FixMatchStudyConfig, ds: ImageDataset) -> list[list[int]]:
     """Test confusion matrix (counts) of a run's final EMA model, on the images its accuracy was measured on."""
-    from .classify import rebuild, subset
-    from .fixmatch import EVAL_SUBSET_SEED
-    from .train import Split, load_trained
+    from fmnist_core.core.data import Split, subset
+    from fmnist_core.core.models import rebuild
+    from fmnist_core.chapters.fixmatch.algorithm import EVAL_SUBSET_SEED
+    from fmnist_core.core.train import load_trained
     model, _ = load_trained(Path(run_path) / "ema.pt", rebuild, ds.test_images.device)
     test = subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), cfg.eval_images, EVAL_SUBSET_SEED,
                   ds.num_classes)

@@ -30,15 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metrics
-from .classify import Splits, make_splits, model_meta, rebuild
-from .config import param, require, require_choice
-from .data import TRAIN_IMAGES, ImageDataset, balanced_subset, batch_indices, save_indices, weak_augment
-from .errors import ConfigError
-from .models import build_model
-from .train import (Split, TrainConfig, autocast_context, check_finite, evaluate, fit, fit_epochs,
+from fmnist_core.core import metrics
+from fmnist_core.core.config import param, require, require_choice
+from fmnist_core.core.data import (TRAIN_IMAGES, ImageDataset, Split, Splits, balanced_subset, batch_indices, make_splits,
+                                   save_indices, tta_augment, weak_augment)
+from fmnist_core.core.errors import ConfigError
+from fmnist_core.core.models import build_model, model_meta, rebuild
+from fmnist_core.core.train import (TrainConfig, autocast_context, check_finite, evaluate, fit, fit_epochs,
                     load_trained)
-from .vae import VAE, kl_divergence, reconstruction_loss, to_unit, vae_loss
+from fmnist_core.core.generative import kl_divergence, reconstruction_loss, reparameterize, to_unit, vae_loss
 
 SEMISUP_MODELS = ("semisup_vae", "m2", "encoder_only", "cnn")
 CNN_ARCHITECTURE = "mycnn"  # the classification chapter's registry name of the "cnn" baseline
@@ -206,7 +206,7 @@ class SemiSupVAE(EncoderOnlyClassifier):
         self.decoder = Decoder(latent_dim, in_channels, image_size, branch_channels)
 
     # z = mu + sigma * eps with eps from the given generator; the mean itself without one.
-    reparameterize = VAE.reparameterize
+    reparameterize = staticmethod(reparameterize)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of q(z | x) for images ``x`` in [0, 1]."""
@@ -241,7 +241,7 @@ class M2(nn.Module):
         self.fc_logvar = nn.Linear(self.features.out_features + num_classes, latent_dim)
         self.decoder = Decoder(latent_dim + num_classes, in_channels, image_size, branch_channels)
 
-    reparameterize = VAE.reparameterize
+    reparameterize = staticmethod(reparameterize)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(y | x) for images ``x`` in [0, 1]."""
@@ -262,7 +262,7 @@ class M2(nn.Module):
 
 class ClassifierView(nn.Module):
     """Wraps a model with a ``classify`` method so that its ``forward`` returns those logits (for
-    :func:`fmnist_core.metrics.predict_proba` and :func:`fmnist_core.train.evaluate`)."""
+    :func:`fmnist_core.core.metrics.predict_proba` and :func:`fmnist_core.core.train.evaluate`)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -279,7 +279,7 @@ REBUILDABLE = tuple(_ARCHITECTURES)  # checkpoint "model" values :func:`rebuild_
 
 def rebuild_semisup(config: dict) -> nn.Module:
     """Build the model described by a checkpoint's config: ``semisup_vae``, ``encoder_only`` or ``m2``
-    (the ``cnn`` baseline's checkpoints name ``mycnn``: :func:`fmnist_core.classify.rebuild` builds it)."""
+    (the ``cnn`` baseline's checkpoints name ``mycnn``: :func:`fmnist_core.chapters.classification.rebuild` builds it)."""
     if config.get("model") not in _ARCHITECTURES:
         raise ConfigError(f"checkpoint model {config.get('model')!r} is not one of {', '.join(_ARCHITECTURES)}")
     return _ARCHITECTURES[config["model"]](config["in_channels"], config["image_size"], len(config["class_names"]),
@@ -311,7 +311,7 @@ def semisup_loss(out: dict, x: torch.Tensor, labels: torch.Tensor, labeled_mask:
     kl_weight, class_weight : float
         Weights of the KL term and of the cross-entropy.
     recon_kind : str
-        ``bce`` or ``mse`` (see :func:`fmnist_core.vae.reconstruction_loss`).
+        ``bce`` or ``mse`` (see :func:`fmnist_core.chapters.vae.reconstruction_loss`).
 
     Returns
     -------
@@ -528,7 +528,7 @@ def _train_generative(cfg: SemiSupConfig, model_name: str, ds: ImageDataset, dat
 
 
 def _train_cnn(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir, log):
-    """``mycnn`` with :func:`fmnist_core.train.fit` on the labeled subset, tiled to the same number of
+    """``mycnn`` with :func:`fmnist_core.core.train.fit` on the labeled subset, tiled to the same number of
     steps per epoch as the other models."""
     tcfg = cfg.narrow(TrainConfig, {"train_images": 0})
     n = steps_per_epoch(cfg, len(data.splits.train.labels)) * cfg.batch_size
@@ -545,7 +545,7 @@ def _train_cnn(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir,
 
 
 def train_semisup(cfg: SemiSupConfig, model_name: str, ds: ImageDataset, out_dir, log=print):
-    """Train one model of the chapter with :func:`fmnist_core.train.fit_epochs`; ``best.pt`` has the best
+    """Train one model of the chapter with :func:`fmnist_core.core.train.fit_epochs`; ``best.pt`` has the best
     validation accuracy.
 
     Parameters
@@ -566,7 +566,7 @@ def train_semisup(cfg: SemiSupConfig, model_name: str, ds: ImageDataset, out_dir
         The model after the last epoch (``best.pt`` holds the best one; ``predict`` rebuilds it).
     history : list of dict
         Per epoch: ``train_*`` losses (per-step means), ``val_loss`` and ``val_accuracy``.
-    splits : fmnist_core.classify.Splits
+    splits : fmnist_core.chapters.classification.Splits
         ``train`` (the unlabeled images: the whole training split), ``val``, ``test``.
     labeled_idx : np.ndarray
         Indices into ``ds.train_images`` of the labeled subset.
@@ -588,7 +588,7 @@ def predict_semisup_proba(model: nn.Module, images: torch.Tensor, tta: int = 0, 
 
     ``images``: ``uint8`` (N, C, H, W), or float already in [0, 1], on the model's device. With ``tta``
     the softmax is averaged over that many extra shifted/flipped copies (the training augmentation; its
-    zero padding is black in [0, 1] images), by :func:`fmnist_core.metrics.predict_proba`.
+    zero padding is black in [0, 1] images), by :func:`fmnist_core.core.metrics.predict_proba`.
     """
     return metrics.predict_proba(ClassifierView(model), to_unit(images), batch_size, tta,
                                  weak_augment if tta else None)
@@ -599,3 +599,20 @@ def load_trained_semisup(path, device="cpu") -> tuple[nn.Module, dict]:
     def build(config):
         return rebuild_semisup(config) if config["model"] in REBUILDABLE else rebuild(config)
     return load_trained(path, build, device)
+
+
+def class_probabilities(model: torch.nn.Module, config: dict, images: torch.Tensor, tta: int = 0,
+                        batch_size: int = 256) -> torch.Tensor:
+    """Softmax probabilities (N, K) on the CPU for images in [0, 1] (float, N x C x H x W, on the model's
+    device), fed as the checkpoint's ``input`` field says; ``tta`` extra shifted/flipped copies are
+    averaged in (:func:`fmnist_core.core.metrics.predict_proba`)."""
+    kind = config.get("input", "standardised")
+    if kind == "unit":
+        return predict_semisup_proba(model, images, tta, batch_size)
+    if kind != "standardised":
+        raise ConfigError(f"the checkpoint's input kind {kind!r} is unknown (expected 'unit' or 'standardised')")
+    shape = (1, -1, 1, 1)
+    mean = torch.tensor(config["mean"], device=images.device).view(shape)
+    std = torch.tensor(config["std"], device=images.device).view(shape)
+    return metrics.predict_proba(model, (images - mean) / std, batch_size, tta,
+                                 tta_augment(config["mean"], config["std"]) if tta else None)

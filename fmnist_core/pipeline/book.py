@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from .experiments import EXPERIMENTS
-from .io import PROJECT_ROOT, read_json, write_bytes_atomic
-from .runner import failure_path, finished_key, get_profile
+from fmnist_core.pipeline.experiments import EXPERIMENTS
+from fmnist_core.core.io import PROJECT_ROOT, read_json, write_bytes_atomic
+from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 
 BOOK_DIR = PROJECT_ROOT / "book"
 CONFIG_PATH = PROJECT_ROOT / "_config.yml"
@@ -74,10 +74,12 @@ def _fold_parameters(notebook: Path) -> str:
 
 def _fill(text: str, profile: str, results_dir: Path) -> str:
     """Replace the ``{{profile}}``-style placeholders of the static pages."""
+    from fmnist_core.pipeline.references import render_sources
     description = get_profile(profile).get("description", "")
     table = appendix_table(profile, results_dir) if "{{appendix}}" in text else ""
+    sources = render_sources() if "{{sources}}" in text else ""
     return (text.replace("{{profile}}", profile).replace("{{profile_description}}", description)
-            .replace("{{appendix}}", table))
+            .replace("{{appendix}}", table).replace("{{sources}}", sources))
 
 
 NUMERICS = {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import FmnistBookError
+from fmnist_core.core.errors import FmnistBookError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _atomic_write(path: Path, write) -> Path:

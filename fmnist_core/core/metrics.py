@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from . import CLASS_NAMES
+from fmnist_core.core.data import CLASS_NAMES
 
 LOG_LOSS_EPS = 1e-12
 

@@ -2,14 +2,14 @@
 
 Each step takes ``B`` labeled images (weak augmentation) and ``mu * B`` unlabeled images, each seen twice:
 weakly augmented (flip and a translation of up to 12.5 %) and strongly augmented (the weak augmentation,
-then RandAugment and Cutout, :mod:`fmnist_core.randaugment`). The three groups go through the network in one
+then RandAugment and Cutout, :mod:`fmnist_core.core.randaugment`). The three groups go through the network in one
 concatenated forward pass, so batch-norm statistics see them together (on one device, the reference code's
 interleaving for multi-GPU batch norm is not needed). The loss is
 
     L = CE(labeled) + lambda_u * mean_over_mu*B( 1[max p_weak >= tau] * CE(strong logits, argmax p_weak) ),
 
 with the weak-view prediction taken without gradient. SGD with Nesterov momentum, weight decay on weights
-only (:func:`fmnist_core.train.parameter_groups`), learning rate ``lr * cos(7 pi k / 16 K)`` over ``K`` steps,
+only (:func:`fmnist_core.core.train.parameter_groups`), learning rate ``lr * cos(7 pi k / 16 K)`` over ``K`` steps,
 and an exponential moving average (EMA) of the weights, which is the evaluated and reported model: the final
 EMA model, never one chosen on the test set.
 
@@ -31,14 +31,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classify import model_meta, subset
-from .config import param, require, require_choice
-from .data import TRAIN_IMAGES, ImageDataset, balanced_subset, make_generator, save_indices, weak_augment
-from .errors import ConfigError
-from .io import save_checkpoint, write_json
-from .models import build_model
-from .randaugment import rand_augment
-from .train import (Checkpointer, History, Split, TrainConfig, autocast_context, check_finite, evaluate,
+from fmnist_core.core.config import param, require, require_choice
+from fmnist_core.core.data import (TRAIN_IMAGES, ImageDataset, Split, balanced_subset, make_generator, save_indices,
+                                   subset, weak_augment)
+from fmnist_core.core.errors import ConfigError
+from fmnist_core.core.io import save_checkpoint, write_json
+from fmnist_core.core.models import build_model, model_meta
+from fmnist_core.core.randaugment import rand_augment
+from fmnist_core.core.train import (Checkpointer, History, TrainConfig, autocast_context, check_finite, evaluate,
                     make_optimizer, prepare_model, resolve_device, restore_rng_state, rng_state)
 
 DATASETS = ("fashion_mnist", "cifar10")
@@ -327,7 +327,7 @@ def labeled_indices(labels: torch.Tensor, num_labels: int, label_seed: int, num_
 
 
 class StepHistory(History):
-    """:class:`~fmnist_core.train.History` keyed by ``step``: History's TensorBoard writer plots against an
+    """:class:`~fmnist_core.core.train.History` keyed by ``step``: History's TensorBoard writer plots against an
     ``epoch`` key, and steps without an evaluation hold ``None``, which TensorBoard cannot plot."""
 
     def append(self, record: dict) -> None:
@@ -419,7 +419,7 @@ def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
     out_dir : path
         Receives ``labeled_indices.npz``, ``history.json``/``.csv``, ``last.pt`` (resumable, every
         ``checkpoint_every`` steps and at the end), ``ema.pt`` (the final EMA model, loadable with
-        ``train.load_trained(path, classify.rebuild)``) and ``metrics.json`` (its test metrics).
+        ``train.load_trained(path, models.rebuild)``) and ``metrics.json`` (its test metrics).
     log : callable
         Receives one line per history record.
 

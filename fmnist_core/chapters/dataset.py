@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import Config, param, require, require_choice
-from .data import balanced_subset
+from fmnist_core.core.config import Config, param, require, require_choice
+from fmnist_core.core.data import balanced_subset
 
 
 @dataclass

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classify import Splits, make_splits, subset
-from .config import param, require, require_choice
-from .data import ImageDataset, batch_indices, load_dataset, make_generator
-from .errors import ConfigError, DataError
-from .train import (Selection, TrainConfig, autocast_context, check_finite, fit_epochs, load_trained,
+from fmnist_core.core.config import param, require, require_choice
+from fmnist_core.core.data import ImageDataset, Splits, batch_indices, load_dataset, make_generator, make_splits, subset
+from fmnist_core.core.errors import ConfigError, DataError
+from fmnist_core.core.generative import (RECON_LOSSES, gaussian_constant, kl_divergence, reconstruction_loss,
+                                        reparameterize, to_unit, vae_loss)
+from fmnist_core.core.train import (Selection, TrainConfig, autocast_context, check_finite, fit_epochs, load_trained,
                     resolve_device)
 
 DATASETS = ("fashion_mnist", "cifar10", "lfw")
 ARCHITECTURES = ("seed", "deep")
-RECON_LOSSES = ("bce", "mse")
 DATASET_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "lfw": 1}
 # Fashion-MNIST: Sneaker -> Ankle boot, T-shirt/top -> Dress, within Sneaker, within Trouser.
 DEFAULT_PAIRS = [[7, 9], [0, 3], [7, 7], [1, 1]]
@@ -164,17 +164,7 @@ class VAE(nn.Module):
         h = self.encoder(x).flatten(1)
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """``z = mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` drawn from ``generator``.
-
-        Without a generator ``mu`` itself is returned (a deterministic code): noise never comes from the
-        global random state.
-        """
-        if generator is None:
-            return mu
-        eps = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * logvar) * eps.to(mu.device)
+    reparameterize = staticmethod(reparameterize)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (the decoder's Bernoulli means) for codes ``z``."""
@@ -185,48 +175,6 @@ class VAE(nn.Module):
         """Returns ``(x_hat, mu, logvar)``; z is sampled with ``generator`` (the mean without one)."""
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """``uint8`` images to ``float32`` in [0, 1]; float images are taken to be in [0, 1] already."""
-    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-
-
-# -------------------------------------------------------------------------------------------- the loss
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, diag(exp(logvar))) || N(0, I)) per sample, in closed form: shape (N,).
-
-    ``0.5 * sum(mu^2 + exp(logvar) - 1 - logvar)`` over the latent dimensions.
-    """
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
-
-
-def reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, kind: str = "bce") -> torch.Tensor:
-    """Negative log-likelihood of ``x`` under the decoder, summed over pixels: shape (N,).
-
-    ``bce``: Bernoulli decoder with means ``x_hat`` (grey levels in [0, 1] as soft targets; the usual
-    choice, though not a normalised density for continuous pixels). ``mse``: Gaussian decoder with unit
-    variance, ``0.5 * sum((x_hat - x)^2)``; the constant ``0.5 * D * log(2 pi)`` nats per image (D = pixels
-    x channels) is dropped here — :func:`gaussian_constant` gives it for reporting nats.
-    """
-    require_choice(kind, "recon_loss", RECON_LOSSES)
-    if kind == "bce":
-        return F.binary_cross_entropy(x_hat, x, reduction="none").flatten(1).sum(1)
-    return 0.5 * (x_hat - x).pow(2).flatten(1).sum(1)
-
-
-def gaussian_constant(image_shape) -> float:
-    """Nats per image dropped by the ``mse`` loss: ``0.5 * D * log(2 pi)`` for D values per image."""
-    return 0.5 * math.prod(image_shape) * math.log(2 * math.pi)
-
-
-def vae_loss(x_hat, x, mu, logvar, beta: float = 1.0, kind: str = "bce") -> dict:
-    """``loss`` = batch mean of recon + beta * KL; also the batch means ``recon`` and ``kl``.
-
-    With ``beta = 1`` the loss is the negative ELBO (up to the dropped constant for ``mse``).
-    """
-    recon, kl = reconstruction_loss(x_hat, x, kind), kl_divergence(mu, logvar)
-    return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
 
 
 def kl_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
@@ -418,7 +366,7 @@ def make_epoch_fn(images: torch.Tensor, cfg: VAEConfig, warmup_steps: int):
 
 
 def train_vae(cfg: VAEConfig, ds: ImageDataset, out_dir, log=print, latent_dim: int | None = None):
-    """Train a VAE with :func:`fmnist_core.train.fit_epochs`; ``best.pt`` has the lowest validation loss.
+    """Train a VAE with :func:`fmnist_core.core.train.fit_epochs`; ``best.pt`` has the lowest validation loss.
 
     Parameters
     ----------
@@ -439,7 +387,7 @@ def train_vae(cfg: VAEConfig, ds: ImageDataset, out_dir, log=print, latent_dim: 
         Per epoch: ``train_loss`` (the objective, with the warmed-up KL weight), ``train_recon``,
         ``train_kl``, ``train_kl_weight``, and ``val_loss`` (negative ELBO, beta = 1), ``val_recon``,
         ``val_kl``, in nats per image.
-    splits : fmnist_core.classify.Splits
+    splits : fmnist_core.chapters.classification.Splits
         The train, validation and test parts used.
     """
     latent_dim = cfg.latent_dim if latent_dim is None else latent_dim
@@ -464,4 +412,8 @@ def load_trained_vae(path, device="cpu") -> tuple[VAE, dict]:
 
 def load_vae_dataset(name: str, data_dir=None, device="auto") -> ImageDataset:
     """Load ``fashion_mnist``, ``cifar10`` or ``lfw`` on ``device`` (``auto`` = CUDA when present)."""
-    return load_dataset(name, data_dir, resolve_device(device) if isinstance(device, str) else device)
+    device = resolve_device(device) if isinstance(device, str) else device
+    if name == "lfw":
+        from fmnist_core.core.lfw import load_lfw  # scikit-learn's fetcher, needed for LFW only
+        return load_lfw(data_dir, device=device)
+    return load_dataset(name, data_dir, device)

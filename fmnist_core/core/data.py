@@ -6,6 +6,7 @@ code on CPU and CUDA.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -16,8 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
-from .io import PROJECT_ROOT
+from fmnist_core.core.errors import DataError
+from fmnist_core.core.io import PROJECT_ROOT
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
 
 # SHA-256 of the *decompressed* IDX files. The gzip wrappers differ between distributors (Debian's do not
 # store the file name), so hashing the .gz files would reject correct copies.
@@ -178,7 +184,6 @@ def load_fashion_mnist(data_dir=None, device="cpu", download: bool = True) -> Im
     download : bool
         Whether torchvision may download the data when no local copy exists.
     """
-    from . import CLASS_NAMES
     paths = locate_fashion_mnist(data_dir, download)
     arrays = {stem: read_verified_idx(p, stem, FASHION_MNIST_SHA256[stem]) for stem, p in paths.items()}
 
@@ -213,14 +218,25 @@ def load_cifar10(root=None, device="cpu", download: bool = False) -> ImageDatase
 
 
 def load_dataset(name: str, data_dir=None, device="cpu") -> ImageDataset:
-    """Load a dataset by name: ``fashion_mnist``, ``cifar10`` or ``lfw`` (faces, 32×32 RGB)."""
-    if name == "lfw":
-        from .lfw import load_lfw  # scikit-learn's fetcher, needed for LFW only
-        return load_lfw(data_dir, device=device)
+    """Load a dataset by name: ``fashion_mnist`` or ``cifar10`` (LFW faces: :func:`fmnist_core.core.lfw.load_lfw`)."""
     loaders = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10}
     if name not in loaders:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(loaders)}, lfw")
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(loaders)}")
     return loaders[name](data_dir, device=device)
+
+
+def job_dataset(name: str, device) -> ImageDataset:
+    """The dataset a job trains on: from ``$FMNIST_DATA_DIR`` (or the usual places), on ``device``.
+
+    Loaded once per process and shared by the jobs that run in it (their tensors are only ever read), so a
+    study of many jobs in one notebook kernel pays for loading and verifying the files once.
+    """
+    return _cached_dataset(name, os.environ.get("FMNIST_DATA_DIR") or None, str(device))
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_dataset(name: str, data_dir, device: str) -> ImageDataset:
+    return load_dataset(name, data_dir, device)
 
 
 # ---------------------------------------------------------------------------------------------- splits
@@ -313,7 +329,65 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
 def save_indices(path, **indices) -> None:
     """Save named index arrays (``.npz``, atomically) so a split or labeled subset can be re-created exactly."""
     import io as _io
-    from .io import write_bytes_atomic
+    from fmnist_core.core.io import write_bytes_atomic
     buffer = _io.BytesIO()
     np.savez(buffer, **{k: np.asarray(v, dtype=np.int64) for k, v in indices.items()})
     write_bytes_atomic(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------ splits as tensors
+@dataclass
+class Split:
+    """Images (``uint8``, on the device) and labels of one part of a dataset, with its normalisation."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple
+    std: tuple
+
+    def inputs(self, index=None) -> torch.Tensor:
+        images = self.images if index is None else self.images[index]
+        return normalize(images, self.mean, self.std)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+
+
+def make_splits(ds: ImageDataset, val_size: int, split_seed: int, test_images: int = 0) -> tuple[Splits, dict]:
+    """The stratified train/validation split of the training images, and the test set (or a class-balanced
+    subset of it), on the device; also returns the indices used."""
+    train_idx, val_idx = stratified_split(ds.train_labels, val_size, split_seed, ds.num_classes)
+    test_idx = (balanced_subset(ds.test_labels, test_images, split_seed, ds.num_classes) if test_images
+                else np.arange(len(ds.test_labels)))
+
+    def part(images, labels, idx=None):
+        if idx is not None:
+            idx = torch.as_tensor(idx, device=images.device)
+            images, labels = images[idx], labels[idx]
+        return Split(images, labels, ds.mean, ds.std)
+
+    splits = Splits(part(ds.train_images, ds.train_labels, train_idx), part(ds.train_images, ds.train_labels, val_idx),
+                    part(ds.test_images, ds.test_labels, test_idx))
+    return splits, {"train": train_idx, "val": val_idx, "test": test_idx}
+
+
+def subset(split: Split, count: int, seed: int, num_classes: int = 10) -> Split:
+    """A class-balanced subset of ``count`` images (all of them when ``count`` is 0)."""
+    if count == 0 or count >= len(split.labels):
+        return split
+    idx = torch.as_tensor(balanced_subset(split.labels, count, seed, num_classes), device=split.images.device)
+    return Split(split.images[idx], split.labels[idx], split.mean, split.std)
+
+
+def tta_augment(mean, std):
+    """Weak augmentation of images normalised with ``mean``/``std`` whose padding is black, as in training."""
+    black = normalize(torch.zeros(1, len(mean), 1, 1, dtype=torch.uint8), mean, std)
+
+    def augment(inputs, generator):
+        shift = black.to(inputs.device)
+        return weak_augment(inputs - shift, generator) + shift
+    return augment

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .embed import embed_pca, embed_tsne
+from fmnist_core.core.embed import embed_pca, embed_tsne
 
 __all__ = ["INPUT", "capture_activations", "separability", "embedding_trustworthiness", "layer_report"]
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import write_bytes_atomic  # noqa: E402
+from fmnist_core.core.io import write_bytes_atomic  # noqa: E402
 
 PALETTE = plt.get_cmap("tab10").colors
 plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 110, "axes.spines.top": False,

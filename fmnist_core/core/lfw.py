@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import fetch_lfw_people
 
-from .data import ImageDataset
-from .errors import ConfigError, DataError
+from fmnist_core.core.data import ImageDataset
+from fmnist_core.core.errors import ConfigError, DataError
 
 IMAGE_SIZE = 32
 # scikit-learn's default box (rows 70-195, columns 78-172 of the 250×250 photographs) widened to a
@@ -23,7 +23,7 @@ FETCH_RESIZE = 0.5  # 62×62 from the fetcher; the antialiased resize to 32×32 
 
 def load_lfw(data_dir=None, device="cpu", min_faces_per_person: int = 0, test_fraction: float = 0.2,
              seed: int = 0, download: bool = True):
-    """Load LFW faces as an :class:`~fmnist_core.data.ImageDataset` of ``uint8`` (N, 3, 32, 32) images.
+    """Load LFW faces as an :class:`~fmnist_core.core.data.ImageDataset` of ``uint8`` (N, 3, 32, 32) images.
 
     Parameters
     ----------

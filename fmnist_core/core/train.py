@@ -1,0 +1,221 @@
+"""Training settings shared by every chapter: parameter groups, device and precision, optimiser, schedule.
+
+An experiment's configuration is composed from the small groups defined here (:class:`OptimizerConfig`,
+:class:`ScheduleConfig`, :class:`RuntimeConfig`, :class:`EpochBudget`) plus its own parameters, so it lists
+exactly the parameters its run reads. The loop that trains with them is :mod:`fmnist_core.core.loop`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fmnist_core.core.config import Config, param, require, require_choice
+from fmnist_core.core.data import Split, batch_indices
+
+
+# ------------------------------------------------------------------------------------ parameter groups
+@dataclass
+class OptimizerConfig(Config):
+    """The optimiser: Adam with decoupled weight decay (AdamW), or SGD with momentum."""
+
+    optimizer: str = param("adam", "adam (AdamW: decoupled weight decay) | sgd (momentum, optionally Nesterov)")
+    lr: float = param(1e-3, "peak learning rate")
+    momentum: float = param(0.9, "SGD momentum (read only by SGD)")
+    nesterov: bool = param(True, "Nesterov momentum for SGD")
+    weight_decay: float = param(5e-4, "weight decay on weights, not on biases and norm parameters: decoupled "
+                                      "for Adam (AdamW), L2 for SGD")
+
+    def check(self) -> None:
+        super().check()
+        require_choice(self.optimizer, "optimizer", ("adam", "sgd"))
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.weight_decay >= 0, "weight_decay", "must be non-negative")
+
+
+@dataclass
+class ScheduleConfig(Config):
+    """The learning-rate schedule over the run's optimiser steps."""
+
+    schedule: str = param("cosine", "cosine | step (x0.1 after half the steps, as in the CNN-comparison report) "
+                                    "| constant")
+
+    def check(self) -> None:
+        super().check()
+        require_choice(self.schedule, "schedule", ("cosine", "step", "constant"))
+
+
+@dataclass
+class RuntimeConfig(Config):
+    """Where and how a run computes: device, precision, compilation, determinism, evaluation batches."""
+
+    device: str = param("auto", "auto | cpu | cuda")
+    dtype: str = param("float32", "float32 | bfloat16 (autocast; CUDA only)")
+    compile: bool = param(False, "torch.compile the model (CUDA only)")
+    channels_last: bool = param(True, "channels-last memory format on CUDA")
+    deterministic: bool = param(False, "CUDA: deterministic algorithms, fixed cuBLAS workspace, no cuDNN "
+                                       "benchmark (slower, bit-reproducible); off = speed (CPU runs are exact)")
+    eval_batch_size: int = param(256, "images per evaluation batch")
+
+    def check(self) -> None:
+        super().check()
+        require_choice(self.device, "device", ("auto", "cpu", "cuda"))
+        require_choice(self.dtype, "dtype", ("float32", "bfloat16"))
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
+        if self.device == "cuda":
+            require(torch.cuda.is_available(), "device", "is 'cuda' but no CUDA device is available")
+
+
+@dataclass
+class EpochBudget(Config):
+    """A budget counted in passes over the training images."""
+
+    epochs: int = param(10, "passes over the training images")
+    batch_size: int = param(128, "images per step")
+
+    def check(self) -> None:
+        super().check()
+        require(self.epochs >= 1, "epochs", f"must be at least 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class TrainConfig(EpochBudget, OptimizerConfig, ScheduleConfig, RuntimeConfig):
+    """One classifier's training job: budget, optimiser, schedule, runtime, and what a classifier adds."""
+
+    label_smoothing: float = param(0.0, "label smoothing of the cross-entropy")
+    augment: bool = param(True, "random 2-pixel translation and horizontal flip, batched on the device")
+    train_images: int = param(0, "use only this many training images (class-balanced); 0 = all")
+    seed: int = param(0, "seed of initialisation, batch order, augmentation and dropout")
+
+    def check(self) -> None:
+        super().check()
+        require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        require(self.train_images >= 0, "train_images", "must be 0 (all) or positive")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+
+
+# ------------------------------------------------------------------------------------ device & precision
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def numerics_mode(device, deterministic: bool) -> str:
+    """How exactly a run on ``device`` repeats: "cpu", or on CUDA "deterministic" or "speed"."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    return "deterministic" if deterministic else "speed"
+
+
+def configure_numerics(device: torch.device, deterministic: bool) -> str:
+    """Set PyTorch's determinism switches for ``device``; returns the mode a results record states.
+
+    On CUDA, ``deterministic`` turns on deterministic algorithms (an op without a deterministic kernel then
+    raises instead of varying silently), cuBLAS's fixed ``:4096:8`` workspace and cuDNN's deterministic,
+    non-benchmarked convolutions; otherwise cuDNN benchmarks and picks the fastest kernels ("speed").
+    The cuBLAS setting only takes effect if made before the process's first CUDA matrix product, which is
+    why the training loops call this before building their optimiser. On the CPU, a run is bit-reproducible
+    for a fixed thread count either way ("cpu").
+    """
+    mode = numerics_mode(device, deterministic)
+    if mode == "cpu":
+        return mode
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    return mode
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA when asked for; full precision otherwise (CPU autocast is slower here)."""
+    if device.type == "cuda" and dtype == "bfloat16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device):
+    """Move to the device; channels-last and ``torch.compile`` on CUDA; the determinism switches of
+    ``cfg.deterministic`` (:func:`configure_numerics`). Returns (raw, runnable) models."""
+    channels_last, compile_model = cfg.channels_last, cfg.compile  # read on every device: both are options
+    configure_numerics(device, cfg.deterministic)
+    model = model.to(device)
+    if device.type == "cuda" and channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runnable = torch.compile(model) if (compile_model and device.type == "cuda") else model
+    return model, runnable
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and kernels only: decaying biases and norm scales only hurts."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum (Nesterov optional); weight decay on weights only.
+
+    Adam with L2 added to the gradient would make the decay depend on the loss scale (a VAE's loss is
+    ~250 nats per image, a classifier's ~0.5), so Adam is always AdamW (Loshchilov & Hutter, 2019): the
+    decay ``lr * weight_decay * w`` is applied to the weights directly. SGD keeps the L2 of the papers it
+    reproduces (for SGD the two differ only by the learning-rate factor).
+    """
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate after ``step`` of ``total_steps`` optimiser steps.
+
+    ``fixmatch`` is FixMatch's ``cos(7 pi k / 16 K)``: from 1 down to cos(7 pi / 16) ≈ 0.195, not to 0.
+    """
+    if schedule == "fixmatch":
+        return math.cos(7.0 * math.pi * min(step, total_steps) / (16.0 * total_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if schedule == "step":
+        return 1.0 if step < total_steps // 2 else 0.1
+    return 1.0
+
+
+def make_schedule(optimizer, schedule: str, total_steps: int):
+    """A per-step ``LambdaLR`` following :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(schedule, step, total_steps))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.inference_mode()
+def evaluate(model, split: Split, batch_size: int = 1000, dtype: str = "float32") -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, no gradients).
+
+    Sums stay on the device (float64) and are read back once, at the end.
+    """
+    was_training = model.training
+    model.eval()
+    device = split.images.device
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for index in batch_indices(len(split.labels), batch_size, device=device):
+        with autocast_context(device, dtype):
+            logits = model(split.inputs(index)).float()
+        total_loss += F.cross_entropy(logits, split.labels[index], reduction="sum").double()
+        correct += (logits.argmax(1) == split.labels[index]).sum()
+    model.train(was_training)
+    n = len(split.labels)
+    loss, right = torch.stack([total_loss, correct.double()]).tolist()
+    return {"loss": loss / n, "accuracy": right / n}
