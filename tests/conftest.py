@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fmnist_core.core.data import CLASS_NAMES
-from fmnist_core.chapters import classification as classify
 from fmnist_core.core.data import ImageDataset, make_splits
+from fmnist_core.core.models import build_model, model_meta
+from fmnist_core.core.supervised import fit
 from fmnist_core.core.train import TrainConfig
 
 CLI = [sys.executable, "-m", "fmnist_core.pipeline.cli"]
@@ -53,7 +54,8 @@ def smoke_book(tmp_path_factory):
     """
     base = tmp_path_factory.mktemp("smoke")
     results, output = base / "results", base / "build"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # FMNIST_TRACE_PARAMS: each run also records the parameters it never read and the other runs it read.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FMNIST_TRACE_PARAMS": "1"}
     build = subprocess.run(CLI + ["--results-dir", str(results), "build", "--profile", "smoke",
                                   "--output-dir", str(output)], capture_output=True, text=True, env=env)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
@@ -87,6 +89,8 @@ def lenet_run_dir(tmp_path_factory, toy_fashion_dataset):
     run = tmp_path_factory.mktemp("run")
     splits, _ = make_splits(toy_fashion_dataset, 50, 0)
     cfg = TrainConfig.from_overrides({"epochs": 1, "batch_size": 32, "lr": 3e-3, "device": "cpu"})
-    classify.train_model("lenet_avg", cfg, splits, toy_fashion_dataset, run / "models" / "lenet_avg",
-                         log=lambda *_: None)
+    torch.manual_seed(0)
+    model = build_model("lenet_avg", in_channels=1, image_size=28, num_classes=10)
+    fit(model, splits.train, splits.val, cfg, run / "models" / "lenet_avg",
+        meta=model_meta("lenet_avg", toy_fashion_dataset), log=lambda *_: None)
     return run

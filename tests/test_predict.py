@@ -14,7 +14,7 @@ from fmnist_core.core.data import CLASS_NAMES
 from fmnist_core.chapters.semisupervised import model as semisup
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.pipeline.predict import add_predict_parser, predict
-from fmnist_core.core.train import load_trained
+from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.data import Split
 

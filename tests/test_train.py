@@ -1,4 +1,5 @@
-"""The shared training loop: it learns, checkpoints, resumes exactly, and stops on a non-finite loss."""
+"""The one training loop (core/loop.py) and supervised training on it: it learns, checkpoints, resumes exactly,
+stops on a non-finite loss naming the interval, and keeps only what readers need when it has finished."""
 import math
 import os
 
@@ -9,7 +10,10 @@ from fmnist_core.core.errors import FmnistBookError, RunError
 from fmnist_core.core.io import load_checkpoint, save_checkpoint
 from fmnist_core.core.models import build_model
 from fmnist_core.core.data import Split
-from fmnist_core.core.train import TrainConfig, configure_numerics, evaluate, fit, lr_factor
+from fmnist_core.core import loop
+from fmnist_core.core.loop import Algorithm, Plan
+from fmnist_core.core.supervised import fit
+from fmnist_core.core.train import OptimizerConfig, TrainConfig, configure_numerics, evaluate, lr_factor
 
 
 def toy_split(n=200, seed=0):
@@ -35,8 +39,9 @@ def test_fit_learns_and_writes_history_and_checkpoints(tmp_path):
     assert after["loss"] < before["loss"] and after["accuracy"] > 0.9
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert {"lr", "train_loss", "val_accuracy", "seconds"} <= set(history[0])
-    for name in ("best.pt", "last.pt", "history.json", "history.csv"):
+    for name in ("best.pt", "final.pt", "history.json", "history.csv"):
         assert (tmp_path / name).exists()
+    assert not (tmp_path / "last.pt").exists()  # resume state (optimiser moments, RNG) is dropped when done
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["record"]["val_accuracy"] == max(r["val_accuracy"] for r in history)
 
@@ -51,19 +56,18 @@ def test_resume_from_mid_run_checkpoint_is_bit_identical(tmp_path):
         if stop_after is None:
             return model, fit(model, toy_split(), toy_split(seed=1), cfg, out, log=logs.append)
         # Interrupt: the loop raises when epoch `stop_after` has been checkpointed.
-        import fmnist_core.core.train as train_module
-        original = train_module.Checkpointer.save_last
+        original = loop.Checkpointer.save_last
 
         def save_then_die(self, **state):
             original(self, **state)
-            if state["epoch"] == stop_after:
+            if state["step"] == stop_after * 7:  # 7 steps per epoch: 200 images at 32
                 raise KeyboardInterrupt
-        train_module.Checkpointer.save_last = save_then_die
+        loop.Checkpointer.save_last = save_then_die
         try:
             with pytest.raises(KeyboardInterrupt):
                 fit(model, toy_split(), toy_split(seed=1), cfg, out, log=logs.append)
         finally:
-            train_module.Checkpointer.save_last = original
+            loop.Checkpointer.save_last = original
 
     full_model, full_history = run(tmp_path / "full", 3)
     run(tmp_path / "killed", 3, stop_after=1)
@@ -92,14 +96,15 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
         def forward(self, x):
             return self.fc(x.flatten(1)) * float("nan")
 
-    with pytest.raises(RunError, match=r"exploding, epoch 1, step 0: loss is nan"):
+    with pytest.raises(RunError, match=r"exploding: loss is nan in steps 1-7, epoch 1;"):
         fit(Exploding(), toy_split(), toy_split(), config(), tmp_path, log=lambda *_: None, name="exploding")
     assert not (tmp_path / "best.pt").exists()
 
 
 @pytest.mark.parametrize("schedule, step, expected", [
     ("cosine", 0, 1.0), ("cosine", 50, 0.5), ("cosine", 100, 0.0),
-    ("step", 49, 1.0), ("step", 50, 0.1), ("constant", 99, 1.0)])
+    ("step", 49, 1.0), ("step", 50, 0.1), ("constant", 99, 1.0),
+    ("fixmatch", 0, 1.0), ("fixmatch", 100, math.cos(7 * math.pi / 16))])
 def test_lr_factor(schedule, step, expected):
     assert math.isclose(lr_factor(schedule, step, 100), expected, abs_tol=1e-12)
 
@@ -131,10 +136,10 @@ def test_a_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path):
             self.calls += self.training
             return self.fc(x.flatten(1)) * (float("nan") if self.calls > 7 else 1.0)
 
-    with pytest.raises(RunError, match=r"turns, epoch 2, step 0: loss is nan"):
+    with pytest.raises(RunError, match=r"turns: loss is nan in steps 8-14, epoch 2;"):
         fit(TurnsNaN(), toy_split(), toy_split(seed=1), config(), tmp_path, log=lambda *_: None, name="turns")
     last = load_checkpoint(tmp_path / "last.pt")
-    assert last["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())
+    assert last["step"] == 7 and all(torch.isfinite(v).all() for v in last["model"].values())
 
 
 def test_deterministic_mode_sets_the_cuda_switches_and_speed_mode_clears_them(monkeypatch):
@@ -152,3 +157,57 @@ def test_deterministic_mode_sets_the_cuda_switches_and_speed_mode_clears_them(mo
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+
+
+class Counting(Algorithm):
+    """A one-parameter model pulled towards 1; counts after-step calls; evaluates to its step count."""
+
+    def __init__(self):
+        self.model = torch.nn.Linear(1, 1, bias=False)
+        self.after, self.evaluations = 0, 0
+
+    def train_step(self, step, generator):
+        loss = (self.model.weight - 1).pow(2).sum()
+        return loss, {"noise": torch.rand((), generator=generator)}
+
+    def after_step(self, step):
+        self.after += 1
+
+    def evaluate(self):
+        self.evaluations += 1
+        return {"val_score": float(self.after)}
+
+
+def test_step_plans_record_evaluate_and_checkpoint_at_their_intervals(tmp_path):
+    algo, saved = Counting(), []
+    original = loop.Checkpointer.save_last
+
+    def spy(self, **state):
+        saved.append(state["step"])
+        original(self, **state)
+    loop.Checkpointer.save_last = spy
+    try:
+        history = loop.train(algo, Plan(steps=10, log_every=3, eval_every=4, checkpoint_every=5),
+                             OptimizerConfig.from_overrides({"optimizer": "sgd", "lr": 0.1}), "constant", 0,
+                             tmp_path, {"name": "counting"}, log=lambda *_: None)
+    finally:
+        loop.Checkpointer.save_last = original
+    assert [r["step"] for r in history] == [3, 4, 6, 8, 9, 10]
+    assert [r["step"] for r in history if "val_score" in r] == [4, 8, 10] and algo.evaluations == 3
+    assert saved == [5, 10] and algo.after == 10
+    assert "epoch" not in history[0] and 0 <= history[0]["train_noise"] <= 1
+    # Without a selection, best.pt holds the final evaluated weights; the resume state is gone.
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == 10 and torch.equal(best["model"]["weight"], algo.model.weight.detach())
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_statistics_are_means_over_their_interval(tmp_path):
+    class Constant(Counting):
+        def train_step(self, step, generator):
+            loss = (self.model.weight - 1).pow(2).sum()
+            return loss, {"step_number": torch.tensor(float(step))}
+
+    history = loop.train(Constant(), Plan(steps=6, log_every=3), OptimizerConfig.from_overrides({"lr": 0.1}),
+                         "cosine", 0, tmp_path, {}, log=lambda *_: None)
+    assert [r["train_step_number"] for r in history] == [1.0, 4.0]  # (0+1+2)/3, (3+4+5)/3

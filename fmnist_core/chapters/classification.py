@@ -92,8 +92,8 @@ class ClassificationConfig(TrainConfig, EvaluationConfig):
                            where=f"model_overrides.{name}")
 
     def sgd_config(self) -> ClassifierJobConfig:
-        """The CNN-comparison report's optimiser: SGD with momentum 0.9, x0.1 after half the steps, on the
-        ``sgd_model``'s budget."""
+        """The CNN-comparison report's optimiser: plain SGD (momentum as ``momentum``, which the report does
+        not state; no Nesterov) at ``sgd_lr``, x0.1 after half the steps, on the ``sgd_model``'s budget."""
         return self.model_config(self.sgd_model, {"optimizer": "sgd", "lr": self.sgd_lr, "schedule": "step",
                                                   "nesterov": False})
 

@@ -14,7 +14,8 @@ from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import balanced_subset, load_dataset, normalize
 from fmnist_core.core.errors import RunError
 from fmnist_core.core.models import rebuild
-from fmnist_core.core.train import configure_numerics, load_trained, resolve_device
+from fmnist_core.core.loop import load_trained
+from fmnist_core.core.train import configure_numerics, resolve_device
 
 
 @dataclass
@@ -23,7 +24,7 @@ class LayerwiseConfig(Config):
 
     models: list[str] = param(["lenet_avg", "lenet_max", "resnet18"],
                               "classification-chapter models to analyse (their best.pt)")
-    per_class: int = param(50, "test images per class (seed 001: 50)")
+    per_class: int = param(50, "test images per class (the LeNet / layer-wise / VAE report: 50)")
     layers: dict = param({}, "model -> list of layer names; a model not listed uses input + its feature_layers")
     perplexity: float = param(30.0, "t-SNE perplexity")
     tsne_iter: int = param(500, "t-SNE iterations after the 250 of early exaggeration")

@@ -18,6 +18,7 @@ import ast
 import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -147,8 +148,14 @@ def _sha256(data: bytes) -> str:
 
 
 def module_path(module: str) -> Path:
-    """The file of a module of this package (``fmnist_core.core.loop`` -> ``fmnist_core/core/loop.py``)."""
+    """The file of a module (``fmnist_core.core.loop`` -> ``fmnist_core/core/loop.py``); modules outside this
+    package (a job kind a user registers in a script, say) are found through the import system."""
     parts = module.split(".")
+    if parts[0] != PACKAGE:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin:
+            raise ConfigError(f"cannot find the source of module {module!r}")
+        return Path(spec.origin)
     path = PROJECT_ROOT.joinpath(*parts)
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
@@ -189,8 +196,9 @@ def module_closure(modules) -> list[str]:
 
 def source_hashes(modules) -> dict[str, str]:
     """``{relative path: sha256}`` of the source of ``modules``' closure (:func:`module_closure`)."""
-    return {str(module_path(m).relative_to(PROJECT_ROOT)): _sha256(module_path(m).read_bytes())
-            for m in module_closure(modules)}
+    paths = [module_path(m) for m in module_closure(modules)]
+    return {str(p.relative_to(PROJECT_ROOT) if p.is_relative_to(PROJECT_ROOT) else p): _sha256(p.read_bytes())
+            for p in paths}
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,8 @@ from fmnist_core.chapters.semisupervised.model import class_probabilities
 from fmnist_core.core.errors import FmnistBookError, one_line
 from fmnist_core.core.io import write_bytes_atomic
 from fmnist_core.core.models import rebuild
-from fmnist_core.core.train import load_trained, resolve_device
+from fmnist_core.core.loop import load_trained
+from fmnist_core.core.train import resolve_device
 
 OUTPUT_SUFFIXES = (".npy", ".csv")
 _REQUIRED_KEYS = ("model", "in_channels", "image_size", "class_names")

@@ -386,8 +386,8 @@ def _figure_table(figures: list, header: str, refs: References) -> list[str]:
         if fig.get("note"):
             notes.append(fig)
             mark = f" (note {len(notes)})"
-        lines.append(f"| {_cell(fig['description'])}{mark} | {_cell(format_value(fig['value'], fig['unit'], fig.get('std')))} "
-                     f"| {_cell(fig['where'])} |")
+        value = format_value(fig["value"], fig["unit"], fig.get("std"))
+        lines.append(f"| {_cell(fig['description'])}{mark} | {_cell(value)} | {_cell(fig['where'])} |")
     lines.append("")
     for i, fig in enumerate(notes, 1):
         lines.append(f"Note {i}: {_inline(fig['note'], refs)}")
@@ -429,8 +429,8 @@ def render_sources(path=None) -> str:
     out += ["## Published reference figures", "",
             f"Figures from the {LITERATURE_LABEL}, quoted for comparison; none was computed by this book.", ""]
     for entry in refs.literature:
-        out += [f"### {entry['short']}", "", f"*{LITERATURE_LABEL.capitalize()}:* {' '.join(entry['citation'].split())}",
-                ""]
+        citation = " ".join(entry["citation"].split())
+        out += [f"### {entry['short']}", "", f"*{LITERATURE_LABEL.capitalize()}:* {citation}", ""]
         if entry.get("note"):
             out += [" ".join(entry["note"].split()), ""]
         out += _figure_table(entry["figures"], "where in the source", refs)

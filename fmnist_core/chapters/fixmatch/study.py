@@ -17,7 +17,7 @@ from fmnist_core.core.io import read_json
 class FixMatchStudyConfig(FixMatchConfig):
     """The study: ``label_counts`` × ``seeds`` × {FixMatch, supervised-only}, plus the ceiling."""
 
-    label_counts: list[int] = param([40, 250, 4000], "labeled images per run (seed 004: 40, 250, 4000)")
+    label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
     ceiling_labels: int = param(60000, "labels of the fully supervised ceiling (0 = no ceiling run)")
 
