@@ -64,27 +64,33 @@ def capture_activations(model: nn.Module, inputs: torch.Tensor, layers: list[str
     modes = [(m, m.training) for m in model.modules()]
     current: dict[str, torch.Tensor] = {}
     handles = []
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     try:
         for name, module in modules.items():
             handles.append(module.register_forward_hook(_recorder(name, current)))
         model.eval()
         with torch.inference_mode():
-            for start in range(0, len(inputs), batch_size):
-                batch = inputs[start:start + batch_size]
-                current.clear()
-                current[INPUT] = batch.detach().clone()  # copied in case the model edits its input in place
-                model(batch)
-                for name in layers:
-                    if name not in current:
-                        raise RuntimeError(f"layer {name!r} was not called by {type(model).__name__}.forward")
-                    chunks[name].append(_to_rows(current[name]))
+            chunks = _run_batches(model, inputs, layers, batch_size, current)
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes:
             module.training = training
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def _run_batches(model, inputs, layers, batch_size, current) -> dict[str, list[np.ndarray]]:
+    """Forward ``inputs`` batch by batch; the hooks fill ``current``; returns each layer's rows per batch."""
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size]
+        current.clear()
+        current[INPUT] = batch.detach().clone()  # copied in case the model edits its input in place
+        model(batch)
+        for name in layers:
+            if name not in current:
+                raise RuntimeError(f"layer {name!r} was not called by {type(model).__name__}.forward")
+            chunks[name].append(_to_rows(current[name]))
+    return chunks
 
 
 def _resolve_layers(model: nn.Module, layers: list[str]) -> dict[str, nn.Module]:

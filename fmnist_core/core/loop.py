@@ -268,48 +268,70 @@ def train(algo: Algorithm, plan: Plan, optim: OptimizerConfig, schedule: str, se
         The history records: ``step``, ``epoch`` (with ``steps_per_epoch``), ``lr`` (of the record's last
         step), :meth:`Algorithm.summarize`'s fields, evaluation fields where evaluated, ``seconds``.
     """
-    out_dir = Path(out_dir)
-    device = next(algo.model.parameters()).device
+    run = _start(algo, plan, optim, schedule, seed, Checkpointer(Path(out_dir), config), log)
+    for step in range(run.step, plan.steps):
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss, stats = algo.train_step(step, run.generator)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        algo.after_step(step)
+        run.window.add({"loss": loss.detach(), **stats})
+        _at_boundary(run, algo, plan, step + 1, lr, name, log)
+    _finish(run.ckpt, algo, plan, run.history.records)
+    return run.history.records
+
+
+@dataclass
+class _Run:
+    """The state :func:`train` carries from step to step (all of it is in ``last.pt``)."""
+
+    ckpt: Checkpointer
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator
+    step: int
+    best: float | None
+    history: History
+    window: _Window
+
+
+def _start(algo, plan, optim, schedule, seed, ckpt, log) -> _Run:
+    """Seed, build the optimiser and schedule, and resume from a matching ``last.pt`` if there is one."""
     torch.manual_seed(seed)
-    generator = make_generator(seed, device)
+    generator = make_generator(seed, next(algo.model.parameters()).device)
     optimizer = make_optimizer(algo.model, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(schedule, k, plan.steps))
-    ckpt = Checkpointer(out_dir, config)
-    start, best, history, window = _resume(ckpt, algo, optimizer, scheduler, generator, log)
-    for step in range(start, plan.steps):
-        lr = optimizer.param_groups[0]["lr"]
-        loss, stats = algo.train_step(step, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        algo.after_step(step)
-        window.add({"loss": loss.detach(), **stats})
-        done = step + 1
-        record_now, evaluate_now, checkpoint_now = plan.boundary(done)
-        if not (record_now or checkpoint_now):
-            continue
-        sums = window.read()
-        _check_finite(sums, name, window.first_step, done, plan)
-        if record_now:
-            record = {"step": done, "epoch": plan.epoch(done), "lr": lr,
-                      **algo.summarize(sums, done - window.first_step)}
-            if evaluate_now:
-                record.update(algo.evaluate())
-                best = _select(plan.selection, record, best, ckpt, algo, done, plan)
-            record["seconds"] = time.perf_counter() - window.clock
-            if record["epoch"] is None:
-                del record["epoch"]
-            history.append(record)
-            log(_log_line(name, record, plan))
-            window = _Window(done)
-        if checkpoint_now:
-            ckpt.save_last(model=algo.model.state_dict(), optimizer=optimizer.state_dict(),
-                           scheduler=scheduler.state_dict(), step=done, best=best, history=history.records,
-                           rng={"data": generator.get_state(), "torch": torch.get_rng_state()},
-                           window=window.state(), algorithm=algo.state_dict())
-    _finish(ckpt, algo, plan, history.records)
-    return history.records
+    run = _Run(ckpt, optimizer, scheduler, generator, 0, None, History(ckpt.out_dir), _Window(0))
+    return _resume(run, algo, log)
+
+
+def _at_boundary(run: _Run, algo, plan: Plan, done: int, lr: float, name: str, log) -> None:
+    """After ``done`` steps: the NaN check, history record, evaluation and checkpoint that are due."""
+    record_now, evaluate_now, checkpoint_now = plan.boundary(done)
+    if not (record_now or checkpoint_now):
+        return
+    sums = run.window.read()
+    _check_finite(sums, name, run.window.first_step, done, plan)
+    if record_now:
+        record = {"step": done, "epoch": plan.epoch(done), "lr": lr,
+                  **algo.summarize(sums, done - run.window.first_step)}
+        if evaluate_now:
+            record.update(algo.evaluate())
+            run.best = _select(plan.selection, record, run.best, run.ckpt, algo, done, plan)
+        record["seconds"] = time.perf_counter() - run.window.clock
+        if record["epoch"] is None:
+            del record["epoch"]
+        run.history.append(record)
+        log(_log_line(name, record, plan))
+        run.window = _Window(done)
+    if checkpoint_now:
+        run.ckpt.save_last(model=algo.model.state_dict(), optimizer=run.optimizer.state_dict(),
+                           scheduler=run.scheduler.state_dict(), step=done, best=run.best,
+                           history=run.history.records,
+                           rng={"data": run.generator.get_state(), "torch": torch.get_rng_state()},
+                           window=run.window.state(), algorithm=algo.state_dict())
 
 
 def _select(selection, record, best, ckpt, algo, done, plan):
@@ -328,21 +350,24 @@ def _finish(ckpt: Checkpointer, algo: Algorithm, plan: Plan, records: list[dict]
     ckpt.finish()
 
 
-def _resume(ckpt: Checkpointer, algo, optimizer, scheduler, generator, log):
-    """(first step, best selection value, history, statistics window) from a matching ``last.pt``."""
-    state = ckpt.resume_state()
+def _resume(run: _Run, algo, log) -> _Run:
+    """Restore a ``last.pt`` made with the same configuration: weights, optimiser, schedule, RNGs, history,
+    the open statistics window and the algorithm's own state."""
+    state = run.ckpt.resume_state()
     if state is None:
-        return 0, None, History(ckpt.out_dir), _Window(0)
+        return run
     algo.model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    generator.set_state(state["rng"]["data"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.generator.set_state(state["rng"]["data"])
     torch.set_rng_state(state["rng"]["torch"])
     algo.load_state_dict(state["algorithm"])
     w = state["window"]
     sums = None if w["sums"] is None else w["sums"].to(next(algo.model.parameters()).device)
-    log(f"resuming from {ckpt.last_path} after step {state['step']}")
-    return state["step"], state["best"], History(ckpt.out_dir, state["history"]), _Window(w["first_step"], w["names"], sums)
+    log(f"resuming from {run.ckpt.last_path} after step {state['step']}")
+    run.step, run.best = state["step"], state["best"]
+    run.history, run.window = History(run.ckpt.out_dir, state["history"]), _Window(w["first_step"], w["names"], sums)
+    return run
 
 
 def _log_line(name: str, record: dict, plan: Plan) -> str:

@@ -151,9 +151,22 @@ def classification_summary(y_true, probs, class_names: Optional[Sequence[str]] =
     """
     y, p = _check_inputs(y_true, probs)
     n, k = p.shape
-    names = _class_names(class_names, k)
     cm = confusion_matrix(y, p.argmax(axis=1), num_classes=k)
+    true_prob = np.clip(p[np.arange(n), y], LOG_LOSS_EPS, 1.0)
+    return {
+        "n": int(n),
+        "accuracy": float(np.diag(cm).sum() / n),
+        **_averages(cm, _class_names(class_names, k)),
+        "auroc": _auroc(y, p),
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": [
+            _floats(row) for row in _safe_div(cm, cm.sum(axis=1, keepdims=True))],
+        "log_loss": float(-np.log(true_prob).mean()),
+    }
 
+
+def _averages(cm: np.ndarray, names: list) -> dict:
+    """Macro, support-weighted and micro precision/recall/F1, and the per-class figures, of a confusion matrix."""
     tp = np.diag(cm).astype(np.float64)
     support = cm.sum(axis=1).astype(np.float64)
     n_pred = cm.sum(axis=0).astype(np.float64)
@@ -162,16 +175,12 @@ def classification_summary(y_true, probs, class_names: Optional[Sequence[str]] =
     # accuracy, which is kept in the output to make that visible.
     micro = _prf(tp.sum(), n_pred.sum(), support.sum())
     weights = support / support.sum()
-
-    true_prob = np.clip(p[np.arange(n), y], LOG_LOSS_EPS, 1.0)
     per_class = [
         {"class": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
          "f1": float(f1[i]), "support": int(cm[i].sum()), "accuracy": float(recall[i])}
-        for i in range(k)
+        for i in range(len(names))
     ]
     return {
-        "n": int(n),
-        "accuracy": float(tp.sum() / n),
         "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()),
                   "f1": float(f1.mean())},
         "weighted": {"precision": float(precision @ weights), "recall": float(recall @ weights),
@@ -179,11 +188,6 @@ def classification_summary(y_true, probs, class_names: Optional[Sequence[str]] =
         "micro": {"precision": float(micro[0]), "recall": float(micro[1]),
                   "f1": float(micro[2])},
         "per_class": per_class,
-        "auroc": _auroc(y, p),
-        "confusion_matrix": cm.tolist(),
-        "confusion_matrix_normalized": [
-            _floats(row) for row in _safe_div(cm, cm.sum(axis=1, keepdims=True))],
-        "log_loss": float(-np.log(true_prob).mean()),
     }
 
 
@@ -380,26 +384,8 @@ def measure_latency(model: torch.nn.Module, image_shape=(1, 28, 28), device="cpu
 
 def measure_throughput(model: torch.nn.Module, image_shape=(1, 28, 28), device="cpu",
                        batch_size: int = 512, repeats: int = 5, warmup: int = 1) -> float:
-    """Median inference throughput.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Already on ``device``; its training flags are restored afterwards.
-    image_shape : tuple of int
-        (C, H, W) of one input.
-    device : str or torch.device
-        Where the random input is created.
-    batch_size : int
-        Images per forward pass.
-    repeats, warmup : int
-        Timed and untimed forward passes.
-
-    Returns
-    -------
-    float
-        Images per second.
-    """
+    """Median inference throughput in images per second, ``batch_size`` random images per forward pass; the
+    other parameters are :func:`measure_latency`'s."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     x = torch.randn(batch_size, *image_shape, device=torch.device(device))

@@ -114,7 +114,7 @@ def build(profile: str, results_dir: Path, output_dir: Path) -> Path:
     source = output_dir / "source"
     assemble(profile, results_dir, source)
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(source), "--config", str(CONFIG_PATH),
-               "--toc", str(TOC_PATH), "--path-output", str(output_dir)]
+               "--toc", str(TOC_PATH), "--path-output", str(output_dir), "-W", "--keep-going"]  # warnings fail it
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"jupyter-book failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")

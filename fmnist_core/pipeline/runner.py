@@ -26,7 +26,7 @@ from fmnist_core.core.config import load_yaml, unknown_name_message
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
 from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
-from fmnist_core.core.jobs import imported_modules, source_hashes
+from fmnist_core.core.jobs import DONE_FILE, imported_modules, source_hashes
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 PROFILES_PATH = PROJECT_ROOT / "profiles.yml"
@@ -183,6 +183,8 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     partial.mkdir(parents=True, exist_ok=True)
     for leftover in partial.rglob(".*.tmp"):  # half-written files of a killed run (never renamed into place)
         leftover.unlink()
+    if not force:  # --force re-runs every job too
+        carry_finished_jobs(final, partial)
     write_json(partial / "run.json", {"key": key, "params": params})
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
@@ -197,6 +199,29 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     _swap_into_place(partial, final)
     log(f"{experiment} [{profile}]: done in {seconds:.0f} s -> {final}")
     return RunResult(experiment, "done", final, seconds)
+
+
+def carry_finished_jobs(final: Path, partial: Path) -> int:
+    """Hard-link the finished job folders of the previous run into the new one (where it has none yet), so
+    that the jobs whose key is unchanged are skipped; returns how many were carried.
+
+    Finished job files are never written again in place (every write renames a new file over the old), so
+    the previous run stays intact whatever the new one does.
+    """
+    carried = 0
+    for done in sorted(final.rglob(DONE_FILE)) if final.is_dir() else []:
+        target = partial / done.parent.relative_to(final)
+        if not target.exists():
+            shutil.copytree(done.parent, target, copy_function=_link_or_copy)
+            carried += 1
+    return carried
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
 
 
 def _partial_key(partial: Path) -> str | None:
@@ -312,7 +337,8 @@ def run_states(profile: str, results_dir: Path = DEFAULT_RESULTS) -> list[tuple[
         final = results_dir / profile / experiment
         parts = key_parts(experiment, profile, resolve_params(experiment, profile), results_dir)
         finished = finished_key(final)
-        stale_upstream = [d for d in get_experiment(experiment).requires
+        exp = get_experiment(experiment)
+        stale_upstream = [d for d in exp.requires + exp.reads
                           if not states.get(d, "up to date").startswith("up to date")]
         if failure_path(final).exists():
             states[experiment] = f"failed: {read_json(failure_path(final)).get('error', '')}"
