@@ -6,9 +6,10 @@ Run from the project root::
     .venv/bin/python bench/fixmatch_bench.py --device cuda --backbone wrn28_2 --dtype bfloat16 \\
         --out bench/results/fixmatch_cuda.json
 
-Both pipelines train the same seeded model with the same step (``fmnist_core.chapters.fixmatch.algorithm.train_step``: one
-forward pass over B labeled, mu*B weak and mu*B strong images, the FixMatch loss, SGD with Nesterov and the
-FixMatch schedule, then the EMA update); only the way the batch is made differs:
+Both pipelines train the same seeded model with the same step (the training loop's update around
+``fmnist_core.chapters.fixmatch.algorithm.FixMatch.batch_loss``: one forward pass over B labeled, mu*B weak and
+mu*B strong images, the FixMatch loss, SGD with Nesterov and the FixMatch schedule, then the EMA update in
+``FixMatch.after_step``); only the way the batch is made differs:
 
 (a) ``device``: this project's pipeline, :class:`fmnist_core.chapters.fixmatch.algorithm.FixMatchBatches` — the whole training
     set as one ``uint8`` tensor on the device, batches cut from it and augmented there, batched (pad-and-crop,
@@ -43,13 +44,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere, without installing the package
 
 from fmnist_core.core.data import load_dataset  # noqa: E402
-from fmnist_core.chapters.fixmatch.algorithm import (EMA, Batch, FixMatchBatches, FixMatchConfig, labeled_indices,  # noqa: E402
-                                  make_fixmatch_schedule, train_step, weak_pad)
+from fmnist_core.chapters.fixmatch.algorithm import (SCHEDULE, Batch, FixMatch, FixMatchBatches,  # noqa: E402
+                                                     FixMatchConfig, labeled_indices, weak_pad)
 from fmnist_core.core.io import write_json  # noqa: E402
 from fmnist_core.core.metrics import cpu_description  # noqa: E402
 from fmnist_core.core.models import build_model  # noqa: E402
 from fmnist_core.core.data import Split  # noqa: E402
-from fmnist_core.core.train import make_optimizer, prepare_model, resolve_device  # noqa: E402
+from fmnist_core.core.train import make_optimizer, make_schedule, prepare_model, resolve_device  # noqa: E402
 
 SEED = 0
 
@@ -79,19 +80,25 @@ def synchronize(device: torch.device) -> None:
 
 
 class Trainer:
-    """A fresh seeded model with its optimiser, schedule and EMA; ``step(batch)`` is one FixMatch step."""
+    """A fresh seeded :class:`FixMatch` (model and EMA) with its optimiser and schedule; ``step(batch)`` is one
+    FixMatch step as ``fmnist_core.core.loop.train`` runs it, on a batch made by the pipeline under test."""
 
     def __init__(self, cfg: FixMatchConfig, shape: tuple, device: torch.device):
         torch.manual_seed(SEED)
-        model = build_model(cfg.backbone, shape[0], 10, shape[1])
-        self.cfg, (self.raw, self.runnable) = cfg, prepare_model(model, cfg, device)
-        self.optimizer = make_optimizer(self.raw, cfg)
-        self.scheduler = make_fixmatch_schedule(self.optimizer, cfg.steps)
-        self.ema = EMA(self.raw, cfg.ema_decay)
+        raw, runnable = prepare_model(build_model(cfg.backbone, shape[0], 10, shape[1]), cfg, device)
+        self.algo = FixMatch(raw, runnable, None, None, cfg)  # batches come from the pipeline
+        self.optimizer = make_optimizer(raw, cfg)
+        self.scheduler = make_schedule(self.optimizer, SCHEDULE, cfg.steps)
+        self.steps = 0
 
     def step(self, batch: Batch) -> None:
-        train_step(self.runnable, self.optimizer, self.scheduler, batch, self.cfg, "benchmark")
-        self.ema.update(self.raw)
+        loss, _ = self.algo.batch_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.algo.after_step(self.steps)
+        self.steps += 1
 
 
 class Pipeline:

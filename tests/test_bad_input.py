@@ -173,7 +173,7 @@ negative = thousandths(-BIG, -0.001)
 not_positive = thousandths(-BIG, 0)
 outside_unit = negative | thousandths(1, BIG)  # outside [0, 1)
 KNOWN_VALUES = {"adam", "sgd", "cosine", "step", "constant", "auto", "cpu", "cuda", "float32", "bfloat16",
-                "fashion_mnist", "cifar10", "lfw", "smallcnn", "wrn28_2", "bce", "mse", "seed", "deep", "",
+                "fashion_mnist", "cifar10", "lfw", "smallcnn", "wrn28_2", "bce", "mse", "report", "deep", "",
                 *classify.ALL_MODELS}
 unknown_word = words.filter(lambda w: w not in KNOWN_VALUES)
 
@@ -181,7 +181,7 @@ unknown_word = words.filter(lambda w: w not in KNOWN_VALUES)
 OUT_OF_RANGE = {
     "epochs": below(1), "batch_size": below(1), "eval_batch_size": below(1), "lr": not_positive,
     "momentum": outside_unit, "weight_decay": negative, "label_smoothing": outside_unit, "train_images": below(0),
-    "seed": below(0), "split_seed": below(0), "label_seed": below(0),
+    "seed": below(0), "split_seed": below(0),
     "optimizer": unknown_word, "schedule": unknown_word, "device": unknown_word, "dtype": unknown_word,
     "dataset": unknown_word, "backbone": unknown_word, "recon_loss": unknown_word, "architecture": unknown_word,
     "sgd_model": unknown_word, "models": st.just([]),
@@ -192,7 +192,7 @@ OUT_OF_RANGE = {
     "latent_dim": below(1), "beta": negative, "kl_warmup_epochs": below(0), "channels": below(1),
     "study_epochs": below(1), "interpolation_steps": below(9), "samples": below(1),
     "latent_sizes": st.lists(below(1), min_size=1, max_size=3),
-    "num_labels": below(0), "dropout": outside_unit, "kl_weight": negative, "class_weight": negative,
+    "dropout": outside_unit, "kl_weight": negative, "class_weight": negative,
     "unlabeled_ratio": below(1), "branch_channels": st.lists(st.integers(1, 64), max_size=5).filter(
         lambda b: len(b) != 2) | st.tuples(below(1), st.integers(1, 64)).map(list),
     "label_counts": st.just([]) | st.lists(below(0), min_size=1, max_size=3),

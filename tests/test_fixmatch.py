@@ -1,5 +1,10 @@
-"""FixMatch: loss and mask, strong augmentation, batches, labeled subsets, EMA, schedule, exact resume."""
+"""FixMatch: loss and mask, strong augmentation, batches, labeled subsets, EMA, schedule, exact resume, NaN stop,
+the study's jobs, and a job re-run alone in a fresh process."""
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,14 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from fmnist_core.core import loop
 from fmnist_core.core import randaugment as ra
-from fmnist_core.core.data import ImageDataset
+from fmnist_core.core.data import ImageDataset, Split
 from fmnist_core.core.errors import ConfigError, RunError
-from fmnist_core.chapters.fixmatch.algorithm import (EMA, EpochStream, FixMatchBatches, FixMatchConfig, fixmatch_loss,
-                                  fixmatch_lr_factor, labeled_indices, make_fixmatch_schedule, train_fixmatch,
-                                  train_step)
-from fmnist_core.core.io import load_checkpoint
-from fmnist_core.core.data import Split
+from fmnist_core.core.io import load_checkpoint, read_json
+from fmnist_core.core.jobs import Job, run_job
+from fmnist_core.core.loop import load_trained
+from fmnist_core.core.models import rebuild
+from fmnist_core.core.train import lr_factor, make_schedule
+from fmnist_core.chapters.fixmatch.algorithm import (EMA, EpochStream, FixMatch, FixMatchBatches, FixMatchConfig,
+                                                     fixmatch_loss, labeled_indices, train_fixmatch)
 
 CLASSES = tuple(f"class {i}" for i in range(10))
 
@@ -203,7 +211,7 @@ def test_labeled_subsets_are_class_balanced_and_reproducible():
 @pytest.mark.parametrize("overrides, name", [({"epochs": 3}, "epochs"), ({"schedule": "step"}, "schedule"),
                                              ({"mu": 0}, "mu"), ({"threshold": 1.5}, "threshold"),
                                              ({"backbone": "vgg16"}, "backbone"), ({"dataset": "lfw"}, "dataset")])
-def test_config_refuses_impossible_or_unused_values(overrides, name):
+def test_config_refuses_impossible_values_and_parameters_fixmatch_does_not_have(overrides, name):
     with pytest.raises(ConfigError, match=name):
         config(**overrides)
 
@@ -227,11 +235,11 @@ def test_ema_update_follows_its_formula_and_copies_buffers():
 
 
 def test_learning_rate_follows_cos_7_pi_k_over_16_k():
-    assert fixmatch_lr_factor(0, 1000) == 1.0
-    assert fixmatch_lr_factor(500, 1000) == pytest.approx(math.cos(7 * math.pi / 32))
-    assert fixmatch_lr_factor(1000, 1000) == pytest.approx(math.cos(7 * math.pi / 16))
+    assert lr_factor("fixmatch", 0, 1000) == 1.0
+    assert lr_factor("fixmatch", 500, 1000) == pytest.approx(math.cos(7 * math.pi / 32))
+    assert lr_factor("fixmatch", 1000, 1000) == pytest.approx(math.cos(7 * math.pi / 16))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.03)
-    schedule = make_fixmatch_schedule(optimizer, 8)
+    schedule = make_schedule(optimizer, "fixmatch", 8)
     lrs = []
     for _ in range(9):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -241,104 +249,192 @@ def test_learning_rate_follows_cos_7_pi_k_over_16_k():
     assert lrs[8] == pytest.approx(0.03 * math.cos(7 * math.pi / 16))
 
 
-# ----------------------------------------------------------------------------------- training runs
+# --------------------------------------------------------------------------------- the algorithm
+def quiet(*_):
+    pass
+
+
+def linear_fixmatch(cfg: FixMatchConfig | None = None, device="cpu"):
+    """A :class:`FixMatch` on the toy data around a linear model (its own runnable)."""
+    ds = toy_dataset().to(device)
+    split = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    cfg = cfg or config()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).to(device)
+    batches = FixMatchBatches(split, split, cfg.batch_size, cfg.mu, 0, cfg.supervised_only)
+    return FixMatch(model, model, batches, split, cfg)
+
+
 def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
-    ds = toy_dataset()
-    split = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
-    cfg = config()
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    algo = linear_fixmatch()
     sizes = []
-    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    schedule = make_fixmatch_schedule(optimizer, 4)
-    batch = FixMatchBatches(split, split, cfg.batch_size, cfg.mu, 0).draw(0, torch.Generator().manual_seed(0))
-    stats = train_step(model, optimizer, schedule, batch, cfg, "test")
-    assert sizes == [8 + 2 * 16] and stats.shape == (5,)
+    algo.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    loss, stats = algo.train_step(0, torch.Generator().manual_seed(0))
+    assert sizes == [8 + 2 * 16] and loss.requires_grad and loss.dim() == 0
+    assert set(stats) == {"loss_x", "loss_u", "masked", "masked_correct"}
+    assert all(s.dim() == 0 and not s.requires_grad for s in stats.values())  # summed by the loop, read once
 
 
-def test_a_non_finite_loss_stops_before_the_update():
-    ds = toy_dataset()
-    split = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is only observable on CUDA")
+@pytest.mark.parametrize("supervised_only", [False, True])
+def test_a_step_and_the_ema_update_never_wait_for_the_gpu(supervised_only):
+    algo = linear_fixmatch(config(supervised_only=supervised_only), "cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    # RandAugment (core.randaugment.apply_ops) reads its per-operation block sizes on the host, so FixMatch's
+    # strong views are drawn before the check; the baseline's whole step (weak views only) is checked.
+    drawn = None if supervised_only else [algo.batches.draw(step, generator) for step in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(3):  # the first draws of the index streams included
+            loss, _ = algo.train_step(step, generator) if drawn is None else algo.batch_loss(drawn[step])
+            loss.backward()
+            algo.after_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_baseline_forward_pass_sees_labeled_images_only():
+    algo = linear_fixmatch(config(supervised_only=True))
+    loss, stats = algo.train_step(0, torch.Generator().manual_seed(0))
+    assert stats["loss_x"] == loss.detach() and stats["loss_u"] == 0 and stats["masked"] == 0
+
+
+def test_the_evaluated_and_resumable_model_is_the_ema():
+    algo = linear_fixmatch()
+    algo.after_step(0)
+    assert algo.evaluated_model() is algo.ema.model
+    assert set(algo.evaluate()) == {"ema_test_loss", "ema_test_accuracy"}
+    state = algo.state_dict()
     with torch.no_grad():
-        model[1].bias[0] = float("nan")
-    before = model[1].weight.clone()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batch = FixMatchBatches(split, split, 8, 2, 0).draw(0, torch.Generator().manual_seed(0))
-    with pytest.raises(RunError, match="step 7"):
-        train_step(model, optimizer, make_fixmatch_schedule(optimizer, 4), batch, config(), "fixmatch, step 7")
-    assert torch.equal(model[1].weight, before)
+        algo.ema.model[1].weight.zero_()
+    algo.load_state_dict(state)
+    assert torch.equal(algo.ema.model[1].weight, state["ema"]["1.weight"])
+
+
+# ----------------------------------------------------------------------------------- training runs
+def kill_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the loop die (as on Ctrl-C) right after it wrote ``last.pt`` at ``step``."""
+    original = loop.Checkpointer.save_last
+
+    def save_then_die(self, **state):
+        original(self, **state)
+        if state["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Checkpointer, "save_last", save_then_die)
 
 
 def test_training_writes_history_checkpoints_and_leaves_labels_alone(tmp_path):
     ds = toy_dataset()
     labels = ds.train_labels.clone()
-    ema_model, history = train_fixmatch(config(), ds, tmp_path, log=lambda *_: None)
+    ema_model, history = train_fixmatch(config(), ds, tmp_path, log=quiet)
     assert torch.equal(ds.train_labels, labels)
     assert [r["step"] for r in history] == [3, 6]
-    assert {"lr", "loss_x", "loss_u", "mask_ratio", "pseudo_label_accuracy", "steps_per_s",
-            "ema_test_accuracy"} <= set(history[0])
+    assert list(history[0]) == ["step", "lr", "loss", "loss_x", "loss_u", "mask_ratio", "pseudo_label_accuracy",
+                                "ema_test_loss", "ema_test_accuracy", "seconds"]
+    # The record's lr is that of its last step (k = 2 of K = 6) on FixMatch's schedule.
+    assert history[0]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * 2 / (16 * 6)))
     assert history[-1]["ema_test_accuracy"] is not None
     assert any(r["mask_ratio"] > 0 and r["loss_u"] > 0 for r in history)  # the unlabeled loss took part
     saved = np.load(tmp_path / "labeled_indices.npz")["labeled"]
     assert np.array_equal(saved, labeled_indices(ds.train_labels, 20, 0))
-    final = load_checkpoint(tmp_path / "ema.pt")
+    best = load_checkpoint(tmp_path / "best.pt")  # the final EMA weights: the reported model
+    assert best["step"] == 6 and best["record"] == history[-1]
     for name, value in ema_model.state_dict().items():
-        assert torch.equal(final["model"][name], value)
-    for name in ("history.json", "history.csv", "last.pt", "metrics.json"):
+        assert torch.equal(best["model"][name], value)
+    rebuilt, _ = load_trained(tmp_path / "best.pt", rebuild)
+    assert torch.equal(rebuilt(ds.test_images[:4].float()), ema_model(ds.test_images[:4].float()))
+    for name in ("history.json", "history.csv", "final.pt"):
         assert (tmp_path / name).exists()
+    assert not (tmp_path / "last.pt").exists()  # the resume state goes when the run has finished
 
 
 def test_supervised_baseline_uses_labeled_images_only(tmp_path):
-    _, history = train_fixmatch(config(supervised_only=True, steps=3), toy_dataset(), tmp_path,
-                                log=lambda *_: None)
+    _, history = train_fixmatch(config(supervised_only=True, steps=3, eval_every=0, log_every=2), toy_dataset(),
+                                tmp_path, log=quiet)
+    assert [r["step"] for r in history] == [2, 3]
     assert history[-1]["loss_u"] == 0 and history[-1]["mask_ratio"] is None
+    assert history[0]["ema_test_accuracy"] is None and history[-1]["ema_test_accuracy"] is not None
 
 
 def test_resumed_run_matches_an_uninterrupted_one_exactly(tmp_path, monkeypatch):
-    import fmnist_core.core.train as train_module
     logs = []
-    full_model, full_history = train_fixmatch(config(), toy_dataset(), tmp_path / "full", log=logs.append)
-
-    original = train_module.Checkpointer.save_last
-
-    def save_then_die(self, **state):
-        original(self, **state)
-        if state["step"] == 4:  # mid-way through a history window (log_every 3)
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module.Checkpointer, "save_last", save_then_die)
+    cfg = config(steps=4)
+    full_model, full_history = train_fixmatch(cfg, toy_dataset(), tmp_path / "full", log=logs.append)
+    kill_after_checkpoint(monkeypatch, 2)  # mid-way through a history window (log_every 3)
     with pytest.raises(KeyboardInterrupt):
-        train_fixmatch(config(), toy_dataset(), tmp_path / "killed", log=logs.append)
-    monkeypatch.setattr(train_module.Checkpointer, "save_last", original)
-    resumed_model, resumed_history = train_fixmatch(config(), toy_dataset(), tmp_path / "killed", log=logs.append)
+        train_fixmatch(cfg, toy_dataset(), tmp_path / "killed", log=logs.append)
+    monkeypatch.undo()
+    resumed_model, resumed_history = train_fixmatch(cfg, toy_dataset(), tmp_path / "killed", log=logs.append)
 
-    assert any("resuming" in line and "step 4" in line for line in logs)
+    assert any("resuming" in line and "step 2" in line for line in logs)
+    assert [r["step"] for r in resumed_history] == [3, 4]
     for name, value in full_model.state_dict().items():
         assert torch.equal(resumed_model.state_dict()[name], value), name
+    full_final, resumed_final = (load_checkpoint(tmp_path / run / "final.pt")["model"] for run in ("full", "killed"))
+    assert all(torch.equal(resumed_final[name], value) for name, value in full_final.items())
 
     def strip(records):
-        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in records]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
     assert strip(resumed_history) == strip(full_history)
 
 
-def test_a_changed_config_starts_afresh(tmp_path):
-    train_fixmatch(config(steps=2), toy_dataset(), tmp_path, log=lambda *_: None)
+def test_a_changed_config_starts_afresh(tmp_path, monkeypatch):
+    kill_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train_fixmatch(config(steps=2), toy_dataset(), tmp_path, log=quiet)
+    monkeypatch.undo()
     logs = []
     train_fixmatch(config(steps=2, lr=0.01), toy_dataset(), tmp_path, log=logs.append)
-    assert not any("resuming" in line for line in logs)
+    assert logs and not any("resuming" in line for line in logs)
+
+
+def test_a_non_finite_loss_stops_at_the_interval_boundary_naming_the_steps(tmp_path, monkeypatch):
+    honest = FixMatch.train_step
+
+    def poisoned(self, step, generator):
+        loss, stats = honest(self, step, generator)
+        return (loss * float("nan") if step == 2 else loss), stats
+
+    monkeypatch.setattr(FixMatch, "train_step", poisoned)
+    with pytest.raises(RunError, match=r"loss is nan in steps 1-3; training stopped \(last good checkpoint kept\)"):
+        train_fixmatch(config(), toy_dataset(), tmp_path, log=quiet)
+    kept = load_checkpoint(tmp_path / "last.pt")  # written after step 2, never overwritten by the NaN
+    assert kept["step"] == 2
+    assert all(torch.isfinite(v).all() for v in [*kept["model"].values(), *kept["algorithm"]["ema"].values()]
+               if v.is_floating_point())
+    assert not (tmp_path / "best.pt").exists()
 
 
 def test_dataset_name_must_match_the_config(tmp_path):
     with pytest.raises(ConfigError, match="dataset"):
-        train_fixmatch(config(), toy_dataset(name="cifar10"), tmp_path, log=lambda *_: None)
+        train_fixmatch(config(), toy_dataset(name="cifar10"), tmp_path, log=quiet)
 
 
 def test_cifar10_shaped_data_runs_with_wrn28_2(tmp_path):
     ds = toy_dataset(n=40, channels=3, size=32, name="cifar10")
     cfg = config(dataset="cifar10", backbone="wrn28_2", batch_size=2, mu=1, steps=2, num_labels=10,
                  log_every=1, eval_images=10, eval_batch_size=10)
-    model, history = train_fixmatch(cfg, ds, tmp_path, log=lambda *_: None)
+    model, history = train_fixmatch(cfg, ds, tmp_path, log=quiet)
     assert [r["step"] for r in history] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in history)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+def test_a_job_rerun_alone_in_a_fresh_process_gives_byte_identical_metrics(tmp_path):
+    cfg = config(num_labels=20, steps=2, log_every=2, eval_every=0, eval_images=50)  # on Fashion-MNIST itself
+    job = Job("fixmatch", cfg, tmp_path / "run" / "fixmatch_n20_s0")
+    metrics = run_job(job, log=quiet)
+    assert metrics == read_json(job.out_dir / "metrics.json")
+    assert (metrics["num_labels"], metrics["steps"], metrics["supervised_only"]) == (20, 2, False)
+    assert {"best.pt", "final.pt", "history.json", "timings.json", "labeled_indices.npz", "done.json"} <= {
+        p.name for p in job.out_dir.iterdir()} and not (job.out_dir / "last.pt").exists()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(job.out_dir / "job.json", alone / "job.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the thread count of this test
+    rerun = subprocess.run([sys.executable, "-m", "fmnist_core.core.jobs", str(alone)], capture_output=True,
+                           text=True, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert (alone / "metrics.json").read_bytes() == (job.out_dir / "metrics.json").read_bytes()

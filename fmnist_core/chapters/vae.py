@@ -1,59 +1,113 @@
-"""The variational auto-encoder chapter: model, loss, training through ``fit_epochs``, and what a VAE can do.
+"""The variational auto-encoder chapter: model, training as an :class:`~fmnist_core.core.loop.Algorithm`, the
+``vae`` job kind, the chapter's study (the main model and the latent-size study), and what a VAE can do.
 
 The VAE sees images scaled to [0, 1] (``uint8 / 255``), never standardised: the decoder ends in a sigmoid
-and the Bernoulli (BCE) likelihood needs targets in [0, 1]. Every random draw (reparameterisation noise,
-samples, the z used to estimate the ELBO) goes through a seeded ``torch.Generator``.
+and the Bernoulli (BCE) likelihood needs targets in [0, 1]. Every random draw (batch order,
+reparameterisation noise, samples, the z used to estimate the ELBO) goes through a seeded ``torch.Generator``.
 
-Units: losses are sums over pixels and latent dimensions per image, in nats, averaged over images.
+Units: losses are sums over pixels and latent dimensions per image, in nats, averaged over images. With the
+BCE loss on grey levels these are nats of the objective, not of a density over the images: the negative
+ELBO is then no bound on −log p(x) (see :func:`evaluate_elbo`).
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_core.core.config import param, require, require_choice
-from fmnist_core.core.data import ImageDataset, Splits, batch_indices, load_dataset, make_generator, make_splits, subset
+from fmnist_core.core import loop
+from fmnist_core.core.config import Config, param, require, require_choice
+from fmnist_core.core.data import (DATA_DIR_ENV, ImageDataset, Splits, batch_indices, job_dataset, make_generator,
+                                   make_splits, subset)
 from fmnist_core.core.errors import ConfigError, DataError
 from fmnist_core.core.generative import (RECON_LOSSES, gaussian_constant, kl_divergence, reconstruction_loss,
                                         reparameterize, to_unit, vae_loss)
-from fmnist_core.core.train import (Selection, TrainConfig, autocast_context, check_finite, fit_epochs, load_trained,
-                    resolve_device)
+from fmnist_core.core.io import read_json, write_json
+from fmnist_core.core.jobs import Job, job_kind, run_jobs
+from fmnist_core.core.loop import Algorithm, Plan, Selection
+from fmnist_core.core.train import (EpochBudget, OptimizerConfig, RuntimeConfig, ScheduleConfig, autocast_context,
+                                    prepare_model, resolve_device)
 
 DATASETS = ("fashion_mnist", "cifar10", "lfw")
-ARCHITECTURES = ("seed", "deep")
+ARCHITECTURES = ("report", "deep")
 DATASET_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "lfw": 1}
 # Fashion-MNIST: Sneaker -> Ankle boot, T-shirt/top -> Dress, within Sneaker, within Trouser.
 DEFAULT_PAIRS = [[7, 9], [0, 3], [7, 7], [1, 1]]
 
 
+# ------------------------------------------------------------------------------------------ parameters
 @dataclass
-class VAEConfig(TrainConfig):
-    """Parameters of the VAE chapter; training fields are shared with :class:`TrainConfig`.
+class VAEDataConfig(Config):
+    """The images a VAE is trained and selected on."""
 
-    The defaults differ from supervised training where a VAE wants otherwise: no augmentation (the
-    model should reconstruct the data, not translations of it), no weight decay, plain Adam at 1e-3.
+    dataset: str = param("fashion_mnist", "fashion_mnist | cifar10 | lfw (faces, 32x32 RGB)")
+    val_size: int = param(5000, "validation images held out of the training set (class-balanced)")
+    split_seed: int = param(0, "seed of the train/validation split")
+    train_images: int = param(0, "use only this many training images (class-balanced); 0 = all")
+
+    def check(self) -> None:
+        super().check()
+        require_choice(self.dataset, "dataset", DATASETS)
+        require(self.val_size >= 1, "val_size", f"must be at least 1, got {self.val_size}")
+        require(self.split_seed >= 0, "split_seed", f"must be non-negative, got {self.split_seed}")
+        require(self.train_images >= 0, "train_images", "must be 0 (all) or positive")
+
+
+@dataclass
+class VAEModelConfig(Config):
+    """The network and its loss."""
+
+    architecture: str = param("report", "report (the LeNet / layer-wise / VAE report's network: 3x3 stride-2 "
+                                        "convolutions, 4x4 stride-2 transposed convolutions, no batch norm) | "
+                                        "deep (three batch-normalised blocks each side)")
+    channels: int = param(16, "width of the first encoder convolution, doubled by each stride-2 stage "
+                              "(the report: 16, then 32)")
+    latent_dim: int = param(20, "dimensions of the latent code z")
+    recon_loss: str = param("bce", "bce (Bernoulli decoder) | mse (Gaussian decoder, unit variance)")
+    beta: float = param(1.0, "weight of the KL term (1 = the ELBO; >1 = beta-VAE)")
+    kl_warmup_epochs: int = param(0, "raise the KL weight linearly from 0 to beta over this many epochs, "
+                                     "per step; 0 = none")
+
+    def check(self) -> None:
+        super().check()
+        require_choice(self.recon_loss, "recon_loss", RECON_LOSSES)
+        require_choice(self.architecture, "architecture", ARCHITECTURES)
+        require(self.latent_dim >= 1, "latent_dim", f"must be at least 1, got {self.latent_dim}")
+        require(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
+        require(self.kl_warmup_epochs >= 0, "kl_warmup_epochs", "must be 0 (none) or positive")
+        require(self.channels >= 1, "channels", f"must be at least 1, got {self.channels}")
+
+
+@dataclass
+class VAEJobConfig(VAEModelConfig, VAEDataConfig, EpochBudget, OptimizerConfig, ScheduleConfig, RuntimeConfig):
+    """One ``vae`` job: train one VAE, keep its best-on-validation weights, report it on the test set.
+
+    The defaults differ from supervised training where a VAE wants otherwise: no weight decay, a constant
+    learning rate (plain Adam at 1e-3, the usual VAE recipe; the report used Adam, its learning rate unstated).
     """
 
     epochs: int = param(20, "passes over the training images")
-    weight_decay: float = param(0.0, "L2 weight decay (none: the KL term already regularises the codes)")
+    weight_decay: float = param(0.0, "weight decay (none: the KL term already regularises the codes)")
     schedule: str = param("constant", "constant (plain Adam, the usual VAE recipe) | cosine | step")
-    augment: bool = param(False, "unused by the VAE (it reconstructs the images as they are)")
-    dataset: str = param("fashion_mnist", "fashion_mnist | cifar10 | lfw (faces, 32x32 RGB)")
-    latent_dim: int = param(20, "dimensions of the latent code z")
-    beta: float = param(1.0, "weight of the KL term (1 = the ELBO; >1 = beta-VAE)")
-    recon_loss: str = param("bce", "bce (Bernoulli decoder) | mse (Gaussian decoder, unit variance)")
-    kl_warmup_epochs: int = param(0, "raise the KL weight linearly from 0 to beta over this many epochs, "
-                                     "per step; 0 = none")
-    architecture: str = param("seed", "seed (two conv layers each side, as the source report) | deep (BN)")
-    channels: int = param(32, "base width of the convolutions")
-    val_size: int = param(5000, "validation images held out of the training set (class-balanced)")
-    split_seed: int = param(0, "seed of the train/validation split")
+    seed: int = param(0, "seed of initialisation, batch order and the reparameterisation noise")
+
+    def check(self) -> None:
+        super().check()
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+
+
+@dataclass
+class VAEConfig(VAEJobConfig):
+    """Parameters of the VAE chapter: its main model (a :class:`VAEJobConfig`), the latent-size study and
+    the figures."""
+
     latent_sizes: list[int] = param([], "latent sizes compared in the latent-size study; [] = no study")
     study_epochs: int = param(10, "epochs of each model of the latent-size study")
     interpolation_pairs: list[list[int]] = param(DEFAULT_PAIRS, "[class_a, class_b] pairs to interpolate "
@@ -66,14 +120,6 @@ class VAEConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        require_choice(self.dataset, "dataset", DATASETS)
-        require_choice(self.recon_loss, "recon_loss", RECON_LOSSES)
-        require_choice(self.architecture, "architecture", ARCHITECTURES)
-        require(self.latent_dim >= 1, "latent_dim", f"must be at least 1, got {self.latent_dim}")
-        require(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
-        require(self.kl_warmup_epochs >= 0, "kl_warmup_epochs", "must be 0 (none) or positive")
-        require(self.channels >= 1, "channels", f"must be at least 1, got {self.channels}")
-        require(self.val_size >= 1, "val_size", f"must be at least 1, got {self.val_size}")
         require(all(n >= 1 for n in self.latent_sizes), "latent_sizes", "must hold positive sizes only")
         require(self.study_epochs >= 1, "study_epochs", f"must be at least 1, got {self.study_epochs}")
         require(self.interpolation_steps >= 9, "interpolation_steps",
@@ -82,7 +128,6 @@ class VAEConfig(TrainConfig):
         require(self.embed_images >= 10 and self.embed_images % DATASET_CLASSES[self.dataset] == 0,
                 "embed_images", "must be at least 10 and divisible by the number of classes")
         require(self.embed_images <= 10000, "embed_images", "cannot exceed the 10,000 test images")
-        require(self.split_seed >= 0, "split_seed", f"must be non-negative, got {self.split_seed}")
         require(self.perplexity > 0, "perplexity", "must be positive")
         require(self.n_jobs >= 1, "n_jobs", "must be at least 1")
         self._check_pairs()
@@ -95,9 +140,14 @@ class VAEConfig(TrainConfig):
                     f"entry {pair} is out of range: {self.dataset} has classes 0..{classes - 1}"
                     + (" (one class, 'face': use [[0, 0]])" if self.dataset == "lfw" else ""))
 
-    def study_config(self) -> "VAEConfig":
-        """The configuration of one model of the latent-size study: ``study_epochs`` epochs."""
-        return dataclasses.replace(self, epochs=self.study_epochs)
+    def job_config(self) -> VAEJobConfig:
+        """The configuration of the chapter's main model."""
+        return self.narrow(VAEJobConfig)
+
+    def study_config(self, latent_dim: int) -> VAEJobConfig:
+        """The configuration of one model of the latent-size study: ``latent_dim``, ``study_epochs`` epochs."""
+        return self.narrow(VAEJobConfig, {"latent_dim": latent_dim, "epochs": self.study_epochs},
+                           where=f"latent_sizes ({latent_dim})")
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -111,10 +161,15 @@ def _deconv_bn(cin: int, cout: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-def _seed_layers(in_channels: int, ch: int) -> tuple[nn.Module, nn.Module, int]:
-    """The source report's network: two stride-2 4x4 convolutions each side (28→14→7, 32→16→8)."""
-    encoder = nn.Sequential(nn.Conv2d(in_channels, ch, 4, 2, 1), nn.ReLU(inplace=True),
-                            nn.Conv2d(ch, 2 * ch, 4, 2, 1), nn.ReLU(inplace=True))
+def _report_layers(in_channels: int, ch: int) -> tuple[nn.Module, nn.Module, int]:
+    """The LeNet / layer-wise / VAE report's network (section 2.1.1), with ``ch`` = 16 its exact layers.
+
+    Encoder: ``Conv2d(C, 16, 3, stride 2, padding 1)``, ReLU, ``Conv2d(16, 32, 3, stride 2, padding 1)``, ReLU
+    (28→14→7, 32→16→8). Decoder (after the linear layer and its ReLU, see :meth:`VAE.decode`):
+    ``ConvTranspose2d(32, 16, 4, stride 2, padding 1)``, ReLU, ``ConvTranspose2d(16, C, 4, stride 2, padding 1)``.
+    """
+    encoder = nn.Sequential(nn.Conv2d(in_channels, ch, 3, 2, 1), nn.ReLU(inplace=True),
+                            nn.Conv2d(ch, 2 * ch, 3, 2, 1), nn.ReLU(inplace=True))
     decoder = nn.Sequential(nn.ConvTranspose2d(2 * ch, ch, 4, 2, 1), nn.ReLU(inplace=True),
                             nn.ConvTranspose2d(ch, in_channels, 4, 2, 1))
     return encoder, decoder, 2 * ch
@@ -139,20 +194,22 @@ class VAE(nn.Module):
     latent_dim : int
         Dimensions of z.
     channels : int
-        Base width of the convolutions.
+        Width of the first encoder convolution (each stride-2 stage doubles it).
     architecture : str
-        ``seed`` (the source report's two-layer network) or ``deep`` (three BN blocks each side).
+        ``report`` (the LeNet / layer-wise / VAE report's network) or ``deep`` (three BN blocks each side).
+        Both map the flattened features to μ and log σ² with one linear layer each, and a code back to the
+        features with a linear layer and a ReLU.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, latent_dim: int = 20, channels: int = 32,
-                 architecture: str = "seed"):
+    def __init__(self, in_channels: int = 1, image_size: int = 28, latent_dim: int = 20, channels: int = 16,
+                 architecture: str = "report"):
         super().__init__()
         require_choice(architecture, "architecture", ARCHITECTURES)
         require(image_size % 4 == 0, "image_size", f"must be divisible by 4, got {image_size}")
         require(latent_dim >= 1, "latent_dim", f"must be at least 1, got {latent_dim}")
         require(channels >= 1, "channels", f"must be at least 1, got {channels}")
         self.in_channels, self.image_size, self.latent_dim = in_channels, image_size, latent_dim
-        build = _seed_layers if architecture == "seed" else _deep_layers
+        build = _report_layers if architecture == "report" else _deep_layers
         self.encoder, self.decoder, width = build(in_channels, channels)
         self.feature_shape = (width, image_size // 4, image_size // 4)
         flat = math.prod(self.feature_shape)
@@ -177,6 +234,33 @@ class VAE(nn.Module):
         return self.decode(self.reparameterize(mu, logvar, generator)), mu, logvar
 
 
+def _layer_text(layer: nn.Module) -> list[str]:
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+        kind = "transposed convolution" if isinstance(layer, nn.ConvTranspose2d) else "convolution"
+        (k, _), (s, _), (p, _) = layer.kernel_size, layer.stride, layer.padding
+        return [f"{k}×{k} {kind} {layer.in_channels}→{layer.out_channels} (stride {s}, padding {p})"]
+    if isinstance(layer, nn.Sequential):
+        return [text for child in layer for text in _layer_text(child)]
+    return {nn.ReLU: ["ReLU"], nn.BatchNorm2d: ["batch norm"]}[type(layer)]
+
+
+def describe(model: VAE) -> str:
+    """The layers of ``model`` in words, read from the built modules (what a page states about its network).
+
+    Parameters
+    ----------
+    model : VAE
+
+    Returns
+    -------
+    str
+        ``encoder: …; linear …; decoder: …, sigmoid``.
+    """
+    features, z = model.fc_mu.in_features, model.latent_dim
+    return (f"encoder: {', '.join(_layer_text(model.encoder))}; linear {features}→{z} to μ and another to "
+            f"log σ²; decoder: linear {z}→{features}, ReLU, {', '.join(_layer_text(model.decoder))}, sigmoid")
+
+
 def kl_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
     """The KL weight at optimiser step ``step`` (from 0): linear from 0 to ``beta`` over ``warmup_steps``."""
     if warmup_steps <= 0:
@@ -189,6 +273,10 @@ def kl_weight(step: int, warmup_steps: int, beta: float = 1.0) -> float:
 def evaluate_elbo(model: VAE, images_uint8: torch.Tensor, batch_size: int = 500,
                   generator: torch.Generator | None = None, kind: str = "bce") -> dict:
     """Negative ELBO (beta = 1) in nats per image, with one sample of z per image.
+
+    With ``bce`` the reconstruction term is the Bernoulli cross-entropy of grey levels in [0, 1]: a
+    Bernoulli is a distribution over {0, 1}, so for grey levels this is not the negative log of a normalised
+    density and the negative ELBO is not an upper bound on −log p(x); it compares runs with the same loss.
 
     Parameters
     ----------
@@ -206,19 +294,22 @@ def evaluate_elbo(model: VAE, images_uint8: torch.Tensor, batch_size: int = 500,
     dict
         ``neg_elbo``, ``recon``, ``kl`` (means per image). For ``mse`` also ``gaussian_constant`` (the
         nats per image that ``recon`` leaves out) and ``neg_elbo_nats`` = ``neg_elbo`` + that constant,
-        the full negative ELBO of a unit-variance Gaussian decoder.
+        the full negative ELBO of a unit-variance Gaussian decoder (an upper bound on −log p(x) of that
+        density).
     """
-    generator = generator or make_generator(0, images_uint8.device)
+    device = images_uint8.device
+    generator = generator or make_generator(0, device)
     was_training = model.training
     model.eval()
-    recon_sum, kl_sum = 0.0, 0.0
-    for index in batch_indices(len(images_uint8), batch_size, device=images_uint8.device):
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # read back once, at the end
+    for index in batch_indices(len(images_uint8), batch_size, device=device):
         x = to_unit(images_uint8[index])
         x_hat, mu, logvar = model(x, generator=generator)
-        recon_sum += float(reconstruction_loss(x_hat.float(), x, kind).sum())
-        kl_sum += float(kl_divergence(mu.float(), logvar.float()).sum())
+        sums += torch.stack([reconstruction_loss(x_hat.float(), x, kind).sum(),
+                             kl_divergence(mu.float(), logvar.float()).sum()]).double()
     model.train(was_training)
     n = len(images_uint8)
+    recon_sum, kl_sum = sums.tolist()
     result = {"neg_elbo": (recon_sum + kl_sum) / n, "recon": recon_sum / n, "kl": kl_sum / n}
     if kind == "mse":
         result["gaussian_constant"] = gaussian_constant(images_uint8.shape[1:])
@@ -226,7 +317,7 @@ def evaluate_elbo(model: VAE, images_uint8: torch.Tensor, batch_size: int = 500,
     return result
 
 
-def validation_stats(model: VAE, images_uint8: torch.Tensor, cfg: VAEConfig) -> dict:
+def validation_stats(model: VAE, images_uint8: torch.Tensor, cfg: VAEJobConfig) -> dict:
     """Validation ``loss`` (the negative ELBO with beta = 1, whatever beta training uses), ``recon``, ``kl``.
 
     z is drawn from a generator seeded afresh with ``cfg.seed + 1`` at every call, so epochs are compared
@@ -235,6 +326,13 @@ def validation_stats(model: VAE, images_uint8: torch.Tensor, cfg: VAEConfig) -> 
     generator = make_generator(cfg.seed + 1, images_uint8.device)
     stats = evaluate_elbo(model, images_uint8, cfg.eval_batch_size, generator, cfg.recon_loss)
     return {"loss": stats["neg_elbo"], "recon": stats["recon"], "kl": stats["kl"]}
+
+
+def elbo_on_test_set(model: VAE, images_uint8: torch.Tensor, cfg: VAEJobConfig) -> dict:
+    """The test-set report of a trained VAE: :func:`evaluate_elbo` with z drawn from a generator seeded with
+    ``cfg.seed``."""
+    generator = make_generator(cfg.seed, images_uint8.device)
+    return evaluate_elbo(model, images_uint8, cfg.eval_batch_size, generator, cfg.recon_loss)
 
 
 @torch.inference_mode()
@@ -263,9 +361,13 @@ def interpolate(model: VAE, x1: torch.Tensor, x2: torch.Tensor, steps: int = 11,
                 method: str = "linear") -> torch.Tensor:
     """Decode ``steps`` codes between the encoder means of images ``x1`` and ``x2``: (steps, C, H, W).
 
-    ``linear``: z(a) = (1 - a) z1 + a z2 for a in linspace(0, 1, steps); ``slerp``: along the great circle
-    (codes of a Gaussian prior concentrate on a shell, which straight lines cut through). The endpoints
-    are set to z1 and z2 exactly, so a = 0 and a = 1 decode to exactly the endpoints' mean decodings.
+    ``linear``: z(a) = (1 - a) z1 + a z2 for a in linspace(0, 1, steps). ``slerp``: z(a) =
+    [sin((1 - a) W) z1 + sin(a W) z2] / sin W, W the angle between z1 and z2, applied to the codes as they
+    are (not normalised). The path lies in the plane of z1, z2 and the origin; it is the arc of the circle
+    through both when they have the same norm (the norm stays constant, where the straight line's midpoint
+    is shorter by cos(W / 2)), and otherwise an elliptical arc whose norm is neither constant nor
+    interpolated linearly. For (anti-)parallel codes it is the straight line. The endpoints are set to z1 and
+    z2 exactly, so a = 0 and a = 1 decode to exactly the endpoints' mean decodings.
     ``x1``, ``x2``: one image each, C×H×W or 1×C×H×W, ``uint8`` or float in [0, 1].
     """
     require_choice(method, "method", ("linear", "slerp"))
@@ -311,12 +413,67 @@ def pick_pair(images: torch.Tensor, labels: torch.Tensor, class_a: int, class_b:
 
 
 # ------------------------------------------------------------------------------------------- training
-def vae_meta(ds: ImageDataset, cfg: VAEConfig, latent_dim: int) -> dict:
+class VAETraining(Algorithm):
+    """The negative ELBO (with the warmed-up KL weight) on shuffled batches; validated with beta = 1.
+
+    Parameters
+    ----------
+    model, runnable : VAE
+        The model on the device, and what the forward pass calls (itself or its compiled version).
+    train, val : torch.Tensor
+        ``uint8`` training and validation images on the device.
+    cfg : VAEJobConfig
+        ``batch_size``, ``beta``, ``recon_loss``, ``dtype`` are read here; ``seed``, ``eval_batch_size`` at
+        every evaluation.
+    warmup_steps : int
+        Steps over which the KL weight rises from 0 to ``beta`` (:func:`kl_weight` of the step number).
+    """
+
+    def __init__(self, model, runnable, train: torch.Tensor, val: torch.Tensor, cfg: VAEJobConfig,
+                 warmup_steps: int):
+        self.model, self.runnable, self.images, self.val, self.cfg = model, runnable, train, val, cfg
+        self.batch_size, self.beta, self.kind, self.dtype = cfg.batch_size, cfg.beta, cfg.recon_loss, cfg.dtype
+        self.warmup_steps, self.steps_per_epoch = warmup_steps, math.ceil(len(train) / cfg.batch_size)
+        self.order, self.weight = None, None
+
+    def train_step(self, step, generator):
+        position = step % self.steps_per_epoch
+        if position == 0:  # the batch order of the epoch, drawn at its first step
+            self.order = torch.randperm(len(self.images), generator=generator,
+                                        device=generator.device).to(self.images.device)
+        x = to_unit(self.images[self.order[position * self.batch_size:(position + 1) * self.batch_size]])
+        self.weight = kl_weight(step, self.warmup_steps, self.beta)  # from the step number: no host sync
+        self.runnable.train()
+        with autocast_context(x.device, self.dtype):
+            x_hat, mu, logvar = self.runnable(x, generator=generator)
+        # BCE is unsafe under autocast: the loss is computed in float32 outside it.
+        losses = vae_loss(x_hat.float(), x, mu.float(), logvar.float(), self.weight, self.kind)
+        n = x.new_full((), float(len(x)))  # a fill on the device, not a copy from the host
+        return losses["loss"], {"loss_sum": losses["loss"].detach() * n, "recon_sum": losses["recon"].detach() * n,
+                                "kl_sum": losses["kl"].detach() * n, "count": n}
+
+    def summarize(self, sums, steps):
+        """Per-image means over the interval; ``train_kl_weight`` is the weight of its last step."""
+        count = sums["count"]
+        return {"train_loss": sums["loss_sum"] / count, "train_recon": sums["recon_sum"] / count,
+                "train_kl": sums["kl_sum"] / count, "train_kl_weight": self.weight}
+
+    def evaluate(self):
+        return {f"val_{k}": v for k, v in validation_stats(self.runnable, self.val, self.cfg).items()}
+
+    def state_dict(self):
+        return {"order": self.order}
+
+    def load_state_dict(self, state):
+        self.order = state["order"]
+
+
+def vae_meta(ds: ImageDataset, cfg: VAEModelConfig) -> dict:
     """What :func:`load_trained_vae` needs to rebuild the model, stored in its checkpoints."""
     c, h, w = ds.image_shape
     if h != w:
         raise DataError(f"{ds.name}: the VAE needs square images, got {h}x{w}")
-    return {"in_channels": c, "image_size": h, "latent_dim": latent_dim, "channels": cfg.channels,
+    return {"in_channels": c, "image_size": h, "latent_dim": cfg.latent_dim, "channels": cfg.channels,
             "architecture": cfg.architecture, "dataset_name": ds.name}
 
 
@@ -326,7 +483,7 @@ def rebuild_vae(config: dict) -> VAE:
                config["architecture"])
 
 
-def vae_splits(cfg: VAEConfig, ds: ImageDataset) -> Splits:
+def vae_splits(cfg: VAEJobConfig, ds: ImageDataset) -> Splits:
     """The class-balanced train/validation split of the training images (training part cut to
     ``train_images`` if set) and the whole test set."""
     try:
@@ -337,83 +494,110 @@ def vae_splits(cfg: VAEConfig, ds: ImageDataset) -> Splits:
     return Splits(train, splits.val, splits.test)
 
 
-def make_epoch_fn(images: torch.Tensor, cfg: VAEConfig, warmup_steps: int):
-    """The ``epoch_fn`` of :func:`fit_epochs`: shuffled batches, loss with the warmed-up KL weight.
-
-    The returned ``loss`` is the objective optimised (recon + weight * KL); ``kl_weight`` is the weight
-    at the epoch's last step.
-    """
-    def epoch_fn(model, optimizer, scheduler, generator, where):
-        model.train()
-        totals = dict.fromkeys(("loss", "recon", "kl"), 0.0)
-        for index in batch_indices(len(images), cfg.batch_size, generator, images.device):
-            # The scheduler counts optimiser steps and is restored on resume: the warm-up resumes too.
-            weight = kl_weight(scheduler.last_epoch, warmup_steps, cfg.beta)
-            x = to_unit(images[index])
-            with autocast_context(x.device, cfg.dtype):
-                x_hat, mu, logvar = model(x, generator=generator)
-            # BCE is unsafe under autocast: the loss is computed in float32 outside it.
-            losses = vae_loss(x_hat.float(), x, mu.float(), logvar.float(), weight, cfg.recon_loss)
-            check_finite(losses["loss"], f"{where}, step {scheduler.last_epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            for key in totals:
-                totals[key] += float(losses[key].detach()) * len(index)
-        return {**{k: v / len(images) for k, v in totals.items()}, "kl_weight": weight}
-    return epoch_fn
-
-
-def train_vae(cfg: VAEConfig, ds: ImageDataset, out_dir, log=print, latent_dim: int | None = None):
-    """Train a VAE with :func:`fmnist_core.core.train.fit_epochs`; ``best.pt`` has the lowest validation loss.
+def train_vae(cfg: VAEJobConfig, ds: ImageDataset, out_dir, log=print, name: str | None = None):
+    """Train a VAE with :func:`fmnist_core.core.loop.train`; ``best.pt`` has the lowest validation loss.
 
     Parameters
     ----------
-    cfg : VAEConfig
+    cfg : VAEJobConfig
     ds : ImageDataset
         The dataset, on the training device.
     out_dir : path
-        Receives ``last.pt``, ``best.pt``, ``history.json`` and ``history.csv`` (resumed if present).
+        The job folder: ``best.pt``, ``final.pt``, ``history.json``/``.csv`` (``last.pt`` while training;
+        a matching one is resumed).
     log : callable
-    latent_dim : int, optional
-        Overrides ``cfg.latent_dim`` (the latent-size study).
+    name : str, optional
+        Names the run in log lines and errors (default: the folder's name).
 
     Returns
     -------
     model : VAE
-        The model after the last epoch (``best.pt`` holds the best one; see :func:`load_trained_vae`).
+        The model after the last step (``best.pt`` holds the best one; see :func:`load_trained_vae`).
     history : list of dict
         Per epoch: ``train_loss`` (the objective, with the warmed-up KL weight), ``train_recon``,
-        ``train_kl``, ``train_kl_weight``, and ``val_loss`` (negative ELBO, beta = 1), ``val_recon``,
-        ``val_kl``, in nats per image.
-    splits : fmnist_core.chapters.classification.Splits
+        ``train_kl`` (per-image means over the epoch), ``train_kl_weight`` (the weight at the epoch's last
+        step), and ``val_loss`` (negative ELBO, beta = 1), ``val_recon``, ``val_kl``, in nats per image.
+    splits : Splits
         The train, validation and test parts used.
     """
-    latent_dim = cfg.latent_dim if latent_dim is None else latent_dim
+    out_dir = Path(out_dir)
     splits = vae_splits(cfg, ds)
-    meta = vae_meta(ds, cfg, latent_dim)
-    device = splits.train.images.device
-    torch.manual_seed(cfg.seed)  # the initial weights, as in the classification chapter
-    model = rebuild_vae(meta).to(device)
+    meta = vae_meta(ds, cfg)
+    torch.manual_seed(cfg.seed)  # the initial weights
+    model, runnable = prepare_model(rebuild_vae(meta), cfg, splits.train.images.device)
     steps_per_epoch = math.ceil(len(splits.train.images) / cfg.batch_size)
-    epoch_fn = make_epoch_fn(splits.train.images, cfg, cfg.kl_warmup_epochs * steps_per_epoch)
-    history = fit_epochs(model, cfg, out_dir, steps_per_epoch, epoch_fn,
-                         lambda m: validation_stats(m, splits.val.images, cfg), device=device,
-                         selection=Selection("val_loss", higher_is_better=False), log=log,
-                         name=f"vae-z{latent_dim}", meta=meta)
+    algo = VAETraining(model, runnable, splits.train.images, splits.val.images, cfg,
+                       cfg.kl_warmup_epochs * steps_per_epoch)
+    plan = Plan.epochs(cfg.epochs, steps_per_epoch, Selection("val_loss", higher_is_better=False))
+    history = loop.train(algo, plan, cfg, cfg.schedule, cfg.seed, out_dir, {**cfg.to_dict(), **meta},
+                         name=name or out_dir.name, log=log)
     return model, history, splits
 
 
 def load_trained_vae(path, device="cpu") -> tuple[VAE, dict]:
-    """Rebuild a VAE from a checkpoint written by :func:`train_vae`; returns (model in eval mode, state)."""
-    return load_trained(path, rebuild_vae, device)
+    """Rebuild a VAE from ``best.pt`` or ``final.pt`` of :func:`train_vae`; returns (model in eval mode, state)."""
+    return loop.load_trained(path, rebuild_vae, device)
 
 
-def load_vae_dataset(name: str, data_dir=None, device="auto") -> ImageDataset:
-    """Load ``fashion_mnist``, ``cifar10`` or ``lfw`` on ``device`` (``auto`` = CUDA when present)."""
+# -------------------------------------------------------------------------------------- jobs and study
+def vae_dataset(name: str, device) -> ImageDataset:
+    """The dataset a VAE job trains on, from ``$FMNIST_DATA_DIR`` (or the usual places), on ``device``;
+    loaded once per process (LFW with scikit-learn's fetcher, the others with
+    :func:`fmnist_core.core.data.job_dataset`)."""
     device = resolve_device(device) if isinstance(device, str) else device
     if name == "lfw":
-        from fmnist_core.core.lfw import load_lfw  # scikit-learn's fetcher, needed for LFW only
-        return load_lfw(data_dir, device=device)
-    return load_dataset(name, data_dir, device)
+        return _cached_lfw(os.environ.get(DATA_DIR_ENV) or None, str(device))
+    return job_dataset(name, device)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_lfw(data_dir, device: str) -> ImageDataset:
+    from fmnist_core.core.lfw import load_lfw  # scikit-learn's fetcher, needed for LFW only
+    return load_lfw(data_dir, device=device)
+
+
+@job_kind("vae", VAEJobConfig)
+def run_vae(cfg: VAEJobConfig, out_dir, log=print) -> dict:
+    """Train one VAE (:func:`train_vae`), then report its best-on-validation checkpoint on the test set.
+
+    Returns the job's metrics: ``test`` (:func:`elbo_on_test_set`), ``best_epoch``, ``val_loss`` (of that epoch),
+    ``latent_dim``, ``epochs``, ``train_images``. The training time goes to ``timings.json``.
+    """
+    out_dir = Path(out_dir)
+    ds = vae_dataset(cfg.dataset, cfg.device)
+    _, history, splits = train_vae(cfg, ds, out_dir, log=log)
+    best, state = load_trained_vae(out_dir / "best.pt", splits.test.images.device)
+    write_json(out_dir / "timings.json", {"train_s": sum(r["seconds"] for r in history)})
+    return {"test": elbo_on_test_set(best, splits.test.images, cfg), "best_epoch": int(state["epoch"]),
+            "val_loss": state["record"]["val_loss"], "latent_dim": cfg.latent_dim, "epochs": cfg.epochs,
+            "train_images": len(splits.train.labels)}
+
+
+def plan_jobs(cfg: VAEConfig, run_dir) -> list[Job]:
+    """The chapter's main model (``models/main``) and one model per latent size of the study
+    (``models/latent_<z>``, :meth:`VAEConfig.study_config`)."""
+    models = Path(run_dir) / "models"
+    jobs = [Job("vae", cfg.job_config(), models / "main", "main", {"latent_dim": cfg.latent_dim, "study": False})]
+    return jobs + [Job("vae", cfg.study_config(z), models / f"latent_{z}", f"latent_{z}",
+                       {"latent_dim": z, "study": True}) for z in cfg.latent_sizes]
+
+
+def run_study(cfg: VAEConfig, run_dir, log=print):
+    """Plan the jobs, run them (finished ones are skipped), gather their results.
+
+    Returns
+    -------
+    ds : ImageDataset
+    splits : Splits
+        The split every job used.
+    results : dict
+        label (``main``, ``latent_<z>``) -> {"latent_dim", "study", "out_dir", "metrics", "history",
+        "timing"} (timing: wall-clock figures, kept apart from the metrics).
+    """
+    ds = vae_dataset(cfg.dataset, cfg.device)
+    splits = vae_splits(cfg, ds)
+    jobs = plan_jobs(cfg, run_dir)
+    return ds, splits, {job.label: {**job.info, "out_dir": job.out_dir, "metrics": metrics,
+                                    "history": read_json(job.out_dir / "history.json"),
+                                    "timing": read_json(job.out_dir / "timings.json")}
+                        for job, metrics in zip(jobs, run_jobs(jobs, log))}

@@ -39,7 +39,6 @@ def capture_activations(model: nn.Module, inputs: torch.Tensor, layers: list[str
         Names as in ``model.named_modules()``, or ``"input"`` for the input itself. Default:
         ``["input"] + model.feature_layers`` (the last feature layer is normally the logits).
     batch_size : int, default 256
-        Samples per forward pass.
 
     Returns
     -------
@@ -49,10 +48,9 @@ def capture_activations(model: nn.Module, inputs: torch.Tensor, layers: list[str
 
     Raises
     ------
-    ValueError
-        For an unknown or repeated layer name, empty ``inputs`` or a non-positive ``batch_size``.
-    RuntimeError
-        If a requested submodule is not called by the forward pass.
+    ValueError or RuntimeError
+        For an unknown or repeated layer name, empty ``inputs``, a non-positive ``batch_size``, or (runtime) a
+        requested submodule that the forward pass does not call.
     """
     layers = [INPUT, *getattr(model, "feature_layers", [])] if layers is None else list(layers)
     modules = _resolve_layers(model, layers)

@@ -174,8 +174,9 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
     reproduces (for SGD the two differ only by the learning-rate factor).
     """
     groups = parameter_groups(model, cfg.weight_decay)
+    momentum, nesterov = cfg.momentum, cfg.nesterov  # read either way: both are options of this group
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 

@@ -9,21 +9,25 @@ interleaving for multi-GPU batch norm is not needed). The loss is
     L = CE(labeled) + lambda_u * mean_over_mu*B( 1[max p_weak >= tau] * CE(strong logits, argmax p_weak) ),
 
 with the weak-view prediction taken without gradient. SGD with Nesterov momentum, weight decay on weights
-only (:func:`fmnist_core.core.train.parameter_groups`), learning rate ``lr * cos(7 pi k / 16 K)`` over ``K`` steps,
-and an exponential moving average (EMA) of the weights, which is the evaluated and reported model: the final
-EMA model, never one chosen on the test set.
+only (:func:`fmnist_core.core.train.parameter_groups`), learning rate ``lr * cos(7 pi k / 16 K)`` over ``K`` steps
+(the loop's ``"fixmatch"`` schedule), and an exponential moving average (EMA) of the weights, which is the
+evaluated and reported model: the final EMA model, never one chosen on the test set.
 
 Sampling: the labeled and the unlabeled images are each read in shuffled epochs (every image once per
 epoch, a fresh permutation each epoch, epochs concatenated so batches may straddle two), like the reference
 implementations' shuffled, repeated data sets. Each epoch's permutation comes from its own generator seeded
 by ``(seed, stream, epoch)``, so a batch depends only on the step number and a resumed run needs no sampler
 state. The unlabeled set is all training images, the labeled ones included (as in the paper).
+
+Training is the :class:`FixMatch` algorithm run by :func:`fmnist_core.core.loop.train` (seeding, updates,
+history, NaN stop, checkpoints and exact resume are the loop's); a run is the ``fixmatch`` job kind
+(:func:`run_fixmatch`). A job folder holds ``labeled_indices.npz``, ``history.json``/``.csv``, ``best.pt``
+(the final EMA weights: the reported model), ``final.pt`` (the final trained weights), ``timings.json`` and
+``metrics.json`` (the final EMA model's test metrics).
 """
 from __future__ import annotations
 
 import copy
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,51 +35,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmnist_core.core.config import param, require, require_choice
-from fmnist_core.core.data import (TRAIN_IMAGES, ImageDataset, Split, balanced_subset, make_generator, save_indices,
+from fmnist_core.core import loop
+from fmnist_core.core.config import Config, param, require, require_choice
+from fmnist_core.core.data import (TRAIN_IMAGES, ImageDataset, Split, balanced_subset, job_dataset, save_indices,
                                    subset, weak_augment)
 from fmnist_core.core.errors import ConfigError
-from fmnist_core.core.io import save_checkpoint, write_json
+from fmnist_core.core.io import write_json
+from fmnist_core.core.jobs import job_kind
+from fmnist_core.core.loop import Algorithm, Plan
 from fmnist_core.core.models import build_model, model_meta
 from fmnist_core.core.randaugment import rand_augment
-from fmnist_core.core.train import (Checkpointer, History, TrainConfig, autocast_context, check_finite, evaluate,
-                    make_optimizer, prepare_model, resolve_device, restore_rng_state, rng_state)
+from fmnist_core.core.train import (OptimizerConfig, RuntimeConfig, autocast_context, evaluate, prepare_model,
+                                    resolve_device)
 
 DATASETS = ("fashion_mnist", "cifar10")
 BACKBONES = ("smallcnn", "wrn28_2")
+SCHEDULE = "fixmatch"  # lr * cos(7 pi k / 16 K): FixMatch's schedule is part of the method, not a parameter
 EVAL_SUBSET_SEED = 0  # the same class-balanced test subset for every run when eval_images > 0
-# Inherited training fields FixMatch does not use, with the values they must keep (a changed value would
-# otherwise be silently ignored) and what to set instead.
-_UNUSED = {"epochs": (10, "FixMatch counts optimiser steps: set 'steps'"),
-           "schedule": ("cosine", "the learning rate always follows lr * cos(7 pi k / 16 K)"),
-           "augment": (True, "weak and strong augmentation are part of FixMatch"),
-           "label_smoothing": (0.0, "FixMatch uses plain cross-entropy"),
-           "train_images": (0, "set 'num_labels' for the labeled subset")}
 
 
+# ------------------------------------------------------------------------------------------- parameters
 @dataclass
-class FixMatchConfig(TrainConfig):
-    """Parameters of the FixMatch chapter; the defaults are the paper's (CIFAR-10, 40 labels)."""
+class FixMatchMethod(Config):
+    """FixMatch's own parameters: data, backbone, step budget, loss, EMA, and the intervals of a run."""
 
-    epochs: int = param(10, "unused: FixMatch counts optimiser steps (see steps)")
-    schedule: str = param("cosine", "unused: the learning rate is always lr * cos(7 pi k / 16 K)")
-    augment: bool = param(True, "unused: weak (and strong) augmentation is always applied")
-    train_images: int = param(0, "unused: see num_labels")
-    optimizer: str = param("sgd", "sgd (the paper's) | adam")
-    batch_size: int = param(64, "B: labeled images per step")
-    lr: float = param(0.03, "peak learning rate eta")
-    weight_decay: float = param(5e-4, "L2 weight decay on weights (not on biases and batch-norm parameters)")
     dataset: str = param("fashion_mnist", "fashion_mnist | cifar10")
     backbone: str = param("wrn28_2", "wrn28_2 (the paper's) | smallcnn (quick runs)")
-    num_labels: int = param(40, "labeled training images, class-balanced (a multiple of 10)")
-    label_seed: int = param(0, "seed of the labeled subset (the 'fold')")
+    batch_size: int = param(64, "B: labeled images per step")
     steps: int = param(2 ** 20, "K: optimiser steps (the paper: 2^20)")
     mu: int = param(7, "unlabeled images per labeled image in a step")
     threshold: float = param(0.95, "tau: confidence a pseudo-label needs to count")
     lambda_u: float = param(1.0, "weight of the unlabeled loss")
     ema_decay: float = param(0.999, "decay of the exponential moving average of the weights")
-    supervised_only: bool = param(False, "the baseline: same backbone, schedule and weak augmentation, "
-                                         "labeled loss only")
     log_every: int = param(256, "steps between history records")
     eval_every: int = param(1024, "steps between EMA test-accuracy points (a diagnostic curve); "
                                   "0 = only at the end")
@@ -84,16 +75,9 @@ class FixMatchConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        for name, (default, hint) in _UNUSED.items():
-            require(getattr(self, name) == default, name, f"is not used by FixMatch ({hint})")
         require_choice(self.dataset, "dataset", DATASETS)
         require_choice(self.backbone, "backbone", BACKBONES)
-        available = TRAIN_IMAGES[self.dataset]
-        require(10 <= self.num_labels <= available and self.num_labels % 10 == 0, "num_labels",
-                f"must be a positive multiple of 10 (the classes) up to {available:,} ({self.dataset}'s training "
-                f"images), got {self.num_labels}")
-        require(self.label_seed >= 0 and self.seed >= 0, "label_seed" if self.label_seed < 0 else "seed",
-                "must be non-negative")
+        require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
         require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
         require(self.mu >= 1, "mu", f"must be at least 1, got {self.mu}")
         require(0 < self.threshold <= 1, "threshold", f"must be in (0, 1], got {self.threshold}")
@@ -106,20 +90,37 @@ class FixMatchConfig(TrainConfig):
                 "must be 0 (all) or a multiple of 10")
 
 
-# ------------------------------------------------------------------------------ schedule, loss, EMA
-def fixmatch_lr_factor(step: int, total: int) -> float:
-    """FixMatch's learning-rate multiplier ``cos(7 pi k / 16 K)`` after ``k = step`` of ``K = total`` steps.
+@dataclass
+class FixMatchTraining(FixMatchMethod, OptimizerConfig, RuntimeConfig):
+    """FixMatch with its optimiser (the paper's defaults: SGD, lr 0.03, weight decay 5e-4) and runtime."""
 
-    It falls from 1 at k = 0 to cos(7 pi / 16) ≈ 0.195 at k = K (not to 0, unlike the usual cosine).
-    """
-    return math.cos(7.0 * math.pi * min(step, total) / (16.0 * total))
-
-
-def make_fixmatch_schedule(optimizer: torch.optim.Optimizer, total: int):
-    """A per-step ``LambdaLR`` following :func:`fixmatch_lr_factor` over ``total`` steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: fixmatch_lr_factor(step, total))
+    optimizer: str = param("sgd", "sgd (the paper's: momentum, Nesterov) | adam (AdamW)")
+    lr: float = param(0.03, "peak learning rate eta")
+    weight_decay: float = param(5e-4, "weight decay on weights (not on biases and batch-norm parameters): "
+                                      "L2 for SGD, decoupled for Adam")
 
 
+@dataclass
+class FixMatchConfig(FixMatchTraining):
+    """One FixMatch job: one labeled subset, one seed, FixMatch or its supervised-only baseline."""
+
+    num_labels: int = param(40, "labeled training images, class-balanced (a multiple of 10)")
+    label_seed: int = param(0, "seed of the labeled subset (the 'fold')")
+    seed: int = param(0, "seed of initialisation, batch order and augmentation")
+    supervised_only: bool = param(False, "the baseline: same backbone, schedule and weak augmentation, "
+                                         "labeled loss only")
+
+    def check(self) -> None:
+        super().check()
+        available = TRAIN_IMAGES[self.dataset]
+        require(10 <= self.num_labels <= available and self.num_labels % 10 == 0, "num_labels",
+                f"must be a positive multiple of 10 (the classes) up to {available:,} ({self.dataset}'s training "
+                f"images), got {self.num_labels}")
+        require(self.label_seed >= 0, "label_seed", f"must be non-negative, got {self.label_seed}")
+        require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
+
+
+# ---------------------------------------------------------------------------------------- loss, EMA
 def fixmatch_loss(logits_x: torch.Tensor, labels: torch.Tensor, logits_weak: torch.Tensor,
                   logits_strong: torch.Tensor, threshold: float = 0.95, lambda_u: float = 1.0) -> dict:
     """The FixMatch loss of one batch.
@@ -201,7 +202,8 @@ class EpochStream:
         if epoch not in self._epochs:
             seed = int(np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0])
             generator = torch.Generator().manual_seed(seed)
-            self._epochs[epoch] = torch.randperm(self.n, generator=generator).to(self.device)
+            # Asynchronous copy: a blocking one would wait for the GPU's queued work.
+            self._epochs[epoch] = torch.randperm(self.n, generator=generator).to(self.device, non_blocking=True)
         return self._epochs[epoch]
 
     def indices(self, step: int) -> torch.Tensor:
@@ -280,44 +282,88 @@ class FixMatchBatches:
         return standardize(weak_augment(images, generator, self.pad).float() / 255.0, self.mean, self.std)
 
 
-# ------------------------------------------------------------------------------------------- a step
-STAT_NAMES = ("loss", "loss_x", "loss_u", "masked", "masked_correct")
+# ----------------------------------------------------------------------------------------- the algorithm
+class FixMatch(Algorithm):
+    """FixMatch as an :class:`~fmnist_core.core.loop.Algorithm`: a step draws its batch and computes the loss
+    in one forward pass; the EMA of the weights is updated after every step and is the evaluated model.
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The trained network on the device (uncompiled; the optimiser and checkpoints use it).
+    runnable : torch.nn.Module
+        What the forward pass calls (``model`` itself, or its compiled version).
+    batches : FixMatchBatches
+        Draws each step's batch (``None`` when batches are fed to :meth:`batch_loss` directly).
+    test : Split
+        Images the EMA model is evaluated on (``None`` when :meth:`evaluate` is not used).
+    cfg : FixMatchConfig
+        ``threshold``, ``lambda_u``, ``dtype``, ``eval_batch_size``, ``ema_decay``, ``supervised_only``, ``mu``
+        and ``batch_size`` are read here.
+    """
 
-def train_step(runnable, optimizer, scheduler, batch: Batch, cfg: FixMatchConfig, where: str) -> torch.Tensor:
-    """One optimiser step on ``batch`` (one forward pass over all its images); returns the statistics
-    :data:`STAT_NAMES` as one tensor on the device (summed over steps, read at log time)."""
-    device = batch.labeled.device
-    parts = [batch.labeled] if batch.weak is None else [batch.labeled, batch.weak, batch.strong]
-    with autocast_context(device, cfg.dtype):
-        logits = runnable(torch.cat(parts)).float()
-    if batch.weak is None:
-        loss_x = F.cross_entropy(logits, batch.labels)
-        zero = torch.zeros((), device=device)
-        stats = torch.stack([loss_x.detach(), loss_x.detach(), zero, zero, zero])
-        loss = loss_x
-    else:
+    def __init__(self, model, runnable, batches: FixMatchBatches | None, test: Split | None, cfg: FixMatchConfig):
+        self.model, self.runnable, self.batches, self.test = model, runnable, batches, test
+        self.threshold, self.lambda_u, self.dtype = cfg.threshold, cfg.lambda_u, cfg.dtype
+        self.eval_batch_size = cfg.eval_batch_size
+        self.unlabeled = 0 if cfg.supervised_only else cfg.mu * cfg.batch_size
+        self.ema = EMA(model, cfg.ema_decay)
+
+    def train_step(self, step, generator):
+        """Draw step ``step``'s batch (indices from the step, augmentation from ``generator``); its loss."""
+        return self.batch_loss(self.batches.draw(step, generator))
+
+    def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """The loss of ``batch`` (one forward pass over all its images) and its statistics: ``loss_x``,
+        ``loss_u``, ``masked`` (confident unlabeled images) and ``masked_correct`` (those whose pseudo-label
+        is right), 0-dim tensors on the device."""
+        parts = [batch.labeled] if batch.weak is None else [batch.labeled, batch.weak, batch.strong]
+        device = batch.labeled.device
+        self.runnable.train()
+        with autocast_context(device, self.dtype):
+            logits = self.runnable(torch.cat(parts)).float()
+        if batch.weak is None:
+            loss = F.cross_entropy(logits, batch.labels)
+            zero = torch.zeros((), device=device)
+            return loss, {"loss_x": loss.detach(), "loss_u": zero, "masked": zero, "masked_correct": zero}
         logits_x, logits_weak, logits_strong = logits.split([len(p) for p in parts])
-        out = fixmatch_loss(logits_x, batch.labels, logits_weak, logits_strong, cfg.threshold, cfg.lambda_u)
-        loss = out["loss"]
+        out = fixmatch_loss(logits_x, batch.labels, logits_weak, logits_strong, self.threshold, self.lambda_u)
         correct = (out["pseudo_labels"] == batch.true_labels).float() * out["mask"]
-        stats = torch.stack([loss.detach(), out["loss_x"].detach(), out["loss_u"].detach(),
-                             out["mask"].sum(), correct.sum()])
-    check_finite(loss, where)  # before the update, so a NaN never reaches the weights or the EMA
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return stats
+        return out["loss"], {"loss_x": out["loss_x"].detach(), "loss_u": out["loss_u"].detach(),
+                             "masked": out["mask"].sum(), "masked_correct": correct.sum()}
+
+    def after_step(self, step):
+        """One EMA update towards the weights just stepped."""
+        self.ema.update(self.model)
+
+    def summarize(self, sums, steps):
+        """Means per step; ``mask_ratio`` over the unlabeled images (``None`` for the baseline) and
+        ``pseudo_label_accuracy`` among the confident ones (``None`` when none passed the threshold).
+        The EMA fields are ``None`` except at evaluation steps, where :meth:`evaluate` fills them."""
+        masked = sums["masked"]
+        return {"loss": sums["loss"] / steps, "loss_x": sums["loss_x"] / steps, "loss_u": sums["loss_u"] / steps,
+                "mask_ratio": masked / (steps * self.unlabeled) if self.unlabeled else None,
+                "pseudo_label_accuracy": sums["masked_correct"] / masked if masked else None,
+                "ema_test_loss": None, "ema_test_accuracy": None}
+
+    def evaluate(self):
+        """The EMA model's test loss and accuracy (host floats, at evaluation steps only)."""
+        stats = evaluate(self.ema.model, self.test, self.eval_batch_size, self.dtype)
+        return {"ema_test_loss": stats["loss"], "ema_test_accuracy": stats["accuracy"]}
+
+    def evaluated_model(self):
+        """The EMA model: what ``best.pt`` stores (the final one, as there is no selection)."""
+        return self.ema.model
+
+    def state_dict(self):
+        """The EMA weights (resumed with the rest of ``last.pt``)."""
+        return {"ema": self.ema.state_dict()}
+
+    def load_state_dict(self, state):
+        self.ema.load_state_dict(state["ema"])
 
 
-@torch.inference_mode()
-def evaluate_fixmatch(model, split: Split, batch_size: int = 256, dtype: str = "float32") -> dict:
-    """Cross-entropy (``loss``) and ``accuracy`` of ``model`` on ``split`` (eval mode, no augmentation)."""
-    return evaluate(model, split, batch_size, dtype)
-
-
-# ----------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------------ a run
 def labeled_indices(labels: torch.Tensor, num_labels: int, label_seed: int, num_classes: int = 10) -> np.ndarray:
     """The class-balanced labeled subset (sorted indices), or a ``ConfigError`` the data cannot satisfy."""
     try:
@@ -326,85 +372,25 @@ def labeled_indices(labels: torch.Tensor, num_labels: int, label_seed: int, num_
         raise ConfigError(f"parameter 'num_labels' {err}") from None
 
 
-class StepHistory(History):
-    """:class:`~fmnist_core.core.train.History` keyed by ``step``: History's TensorBoard writer plots against an
-    ``epoch`` key, and steps without an evaluation hold ``None``, which TensorBoard cannot plot."""
-
-    def append(self, record: dict) -> None:
-        writer, self._writer = self._writer, None
-        try:
-            super().append(record)  # history.json and history.csv
-        finally:
-            self._writer = writer
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and value is not None:
-                    writer.add_scalar(key, value, record["step"])
-            writer.flush()
+def eval_split(ds: ImageDataset, eval_images: int) -> Split:
+    """The test images the EMA model is measured on: all, or the same class-balanced subset for every run."""
+    return subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), eval_images, EVAL_SUBSET_SEED,
+                  ds.num_classes)
 
 
-class _Window:
-    """Statistics summed since the last history record (saved in checkpoints, so a resumed run's records
-    match an uninterrupted run's), and the wall-clock rate of the steps timed in this process."""
-
-    def __init__(self, first_step: int, sums: torch.Tensor):
-        self.first_step, self.sums = first_step, sums
-        self.timed, self.clock = 0, time.perf_counter()
-
-    def add(self, stats: torch.Tensor) -> None:
-        self.sums = self.sums + stats
-        self.timed += 1
-
-    def record(self, step: int, lr: float, unlabeled: int) -> dict:
-        loss, loss_x, loss_u, masked, correct = self.sums.tolist()
-        steps, seconds = step - self.first_step, time.perf_counter() - self.clock
-        return {"step": step, "lr": lr, "loss": loss / steps, "loss_x": loss_x / steps,
-                "loss_u": loss_u / steps, "mask_ratio": masked / (steps * unlabeled) if unlabeled else None,
-                # Among the confident (masked-in) images only; None when no image passed the threshold.
-                "pseudo_label_accuracy": correct / masked if masked else None,
-                "steps_per_s": self.timed / seconds if seconds > 0 else None,
-                "ema_test_loss": None, "ema_test_accuracy": None}
-
-    def restart(self, step: int) -> None:
-        self.__init__(step, torch.zeros_like(self.sums))
-
-
-@dataclass
-class _Run:
-    """Everything a FixMatch run trains with."""
-
-    batches: FixMatchBatches
-    test: Split
-    raw: torch.nn.Module
-    runnable: torch.nn.Module
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    generator: torch.Generator
-    meta: dict
-
-
-def _setup(cfg: FixMatchConfig, ds: ImageDataset, out_dir: Path) -> _Run:
-    """Device, labeled subset (saved), batches, test split, model, EMA, optimiser, schedule, generator."""
-    device = resolve_device(cfg.device)
-    if ds.name != cfg.dataset:
-        raise ConfigError(f"parameter 'dataset' is {cfg.dataset!r} but the data given is {ds.name!r}")
-    ds = ds if ds.train_images.device == device else ds.to(device)
+def build_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir: Path) -> FixMatch:
+    """The labeled subset (saved as ``labeled_indices.npz``), the batches, the seeded model and the EMA."""
+    device = ds.train_images.device
     idx = labeled_indices(ds.train_labels, cfg.num_labels, cfg.label_seed, ds.num_classes)
     save_indices(out_dir / "labeled_indices.npz", labeled=idx)
     index = torch.as_tensor(idx, device=device)
     labeled = Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
     unlabeled = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
     batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, cfg.seed, cfg.supervised_only)
-    test = subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), cfg.eval_images, EVAL_SUBSET_SEED,
-                  ds.num_classes)
     torch.manual_seed(cfg.seed)  # initialisation
     c, h, _ = ds.image_shape
     raw, runnable = prepare_model(build_model(cfg.backbone, c, ds.num_classes, h), cfg, device)
-    optimizer = make_optimizer(raw, cfg)
-    return _Run(batches, test, raw, runnable, EMA(raw, cfg.ema_decay), optimizer,
-                make_fixmatch_schedule(optimizer, cfg.steps), make_generator(cfg.seed, device),
-                model_meta(cfg.backbone, ds))
+    return FixMatch(raw, runnable, batches, eval_split(ds, cfg.eval_images), cfg)
 
 
 def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
@@ -417,9 +403,9 @@ def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
     ds : ImageDataset
         The data (moved to ``cfg.device`` if elsewhere); labeled subset drawn from its training images.
     out_dir : path
-        Receives ``labeled_indices.npz``, ``history.json``/``.csv``, ``last.pt`` (resumable, every
-        ``checkpoint_every`` steps and at the end), ``ema.pt`` (the final EMA model, loadable with
-        ``train.load_trained(path, models.rebuild)``) and ``metrics.json`` (its test metrics).
+        The job folder: ``labeled_indices.npz``, ``history.json``/``.csv``, ``best.pt`` (the final EMA
+        model, loadable with ``loop.load_trained(path, models.rebuild)``), ``final.pt`` (``last.pt`` while
+        training, every ``checkpoint_every`` steps).
     log : callable
         Receives one line per history record.
 
@@ -429,65 +415,30 @@ def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
         The final EMA model (eval mode): the reported model.
     history : list of dict
         Every ``log_every`` steps (and at evaluation steps and the end): step, lr (of the record's last
-        step), loss, loss_x, loss_u, mask_ratio, pseudo_label_accuracy (among masked images), steps_per_s,
-        ema_test_loss and ema_test_accuracy (``None`` except every ``eval_every`` steps and at the end).
+        step), loss, loss_x, loss_u, mask_ratio, pseudo_label_accuracy (among masked images), ema_test_loss
+        and ema_test_accuracy (``None`` except every ``eval_every`` steps and at the end), seconds.
     """
+    out_dir, device = Path(out_dir), resolve_device(cfg.device)
+    if ds.name != cfg.dataset:
+        raise ConfigError(f"parameter 'dataset' is {cfg.dataset!r} but the data given is {ds.name!r}")
+    ds = ds if ds.train_images.device == device else ds.to(device)
+    algo = build_fixmatch(cfg, ds, out_dir)
+    plan = Plan(cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every)  # selection None: final EMA
+    history = loop.train(algo, plan, cfg, SCHEDULE, cfg.seed, out_dir,
+                         {**cfg.to_dict(), **model_meta(cfg.backbone, ds)}, name=out_dir.name, log=log)
+    return algo.ema.model, history
+
+
+@job_kind("fixmatch", FixMatchConfig)
+def run_fixmatch(cfg: FixMatchConfig, out_dir, log=print) -> dict:
+    """One FixMatch job on its dataset (:func:`train_fixmatch`); returns the final EMA model's test metrics.
+
+    Wall-clock figures go to ``timings.json`` (``train_s``: training and evaluation; ``steps_per_s``)."""
     out_dir = Path(out_dir)
-    run = _setup(cfg, ds, out_dir)
-    checkpointer = Checkpointer(out_dir, {**cfg.to_dict(), **run.meta})
-    start, window, history = _resume(checkpointer, run, log)
-    unlabeled = 0 if cfg.supervised_only else cfg.mu * cfg.batch_size
-    for step in range(start, cfg.steps):
-        batch = run.batches.draw(step, run.generator)
-        lr = run.optimizer.param_groups[0]["lr"]
-        window.add(train_step(run.runnable, run.optimizer, run.scheduler, batch, cfg, f"fixmatch, step {step + 1}"))
-        run.ema.update(run.raw)
-        done = step + 1
-        evaluate_now = done == cfg.steps or (cfg.eval_every > 0 and done % cfg.eval_every == 0)
-        if evaluate_now or done % cfg.log_every == 0:
-            record = window.record(done, lr, unlabeled)
-            if evaluate_now:
-                metrics = evaluate_fixmatch(run.ema.model, run.test, cfg.eval_batch_size, cfg.dtype)
-                record.update(ema_test_loss=metrics["loss"], ema_test_accuracy=metrics["accuracy"])
-            history.append(record)
-            log(_log_line(record, cfg.steps))
-            window.restart(done)
-        if done == cfg.steps or done % cfg.checkpoint_every == 0:
-            checkpointer.save_last(model=run.raw.state_dict(), ema=run.ema.state_dict(), step=done,
-                                   optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                                   window=window.sums.cpu(), window_start=window.first_step,
-                                   history=history.records, rng=rng_state(run.generator))
-    _save_final(checkpointer, run.ema, history.records, cfg)
-    return run.ema.model, history.records
-
-
-def _resume(checkpointer: Checkpointer, run: _Run, log):
-    """Restore the last checkpoint made with the same config: (next step, stats window, history)."""
-    device = run.test.images.device
-    state = checkpointer.resume_state()
-    if state is None:
-        return 0, _Window(0, torch.zeros(len(STAT_NAMES), device=device)), StepHistory(checkpointer.out_dir)
-    run.raw.load_state_dict(state["model"])
-    run.ema.load_state_dict(state["ema"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    restore_rng_state(run.generator, state["rng"])
-    log(f"resuming from {checkpointer.last_path} after step {state['step']}")
-    window = _Window(state["window_start"], state["window"].to(device))
-    return state["step"], window, StepHistory(checkpointer.out_dir, state["history"])
-
-
-def _log_line(record: dict, total: int) -> str:
-    shown = [f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr") and v is not None]
-    return f"fixmatch step {record['step']}/{total}: lr {record['lr']:.5f} | " + " | ".join(shown)
-
-
-def _save_final(checkpointer: Checkpointer, ema: EMA, records: list[dict], cfg: FixMatchConfig) -> None:
-    """``ema.pt`` and ``metrics.json``: the final EMA model and its test metrics (the reported result)."""
-    final = records[-1]
-    save_checkpoint(checkpointer.out_dir / "ema.pt", {"config": checkpointer.config, "model": ema.state_dict(),
-                                                      "step": final["step"], "record": final})
-    write_json(checkpointer.out_dir / "metrics.json", {
-        "test_accuracy": final["ema_test_accuracy"], "test_loss": final["ema_test_loss"], "steps": cfg.steps,
-        "num_labels": cfg.num_labels, "label_seed": cfg.label_seed, "supervised_only": cfg.supervised_only,
-        "model": "final EMA weights"})
+    _, history = train_fixmatch(cfg, job_dataset(cfg.dataset, resolve_device(cfg.device)), out_dir, log)
+    seconds = sum(r["seconds"] for r in history)
+    write_json(out_dir / "timings.json", {"train_s": seconds, "steps_per_s": cfg.steps / seconds if seconds else None})
+    final = history[-1]
+    return {"test_accuracy": final["ema_test_accuracy"], "test_loss": final["ema_test_loss"], "steps": cfg.steps,
+            "num_labels": cfg.num_labels, "label_seed": cfg.label_seed, "supervised_only": cfg.supervised_only,
+            "model": "final EMA weights"}

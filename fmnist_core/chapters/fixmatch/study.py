@@ -1,5 +1,5 @@
 """The FixMatch chapter's study: FixMatch and its supervised-only baseline at each label count and seed, on the
-same labeled subsets, and the fully supervised ceiling."""
+same labeled subsets, and the fully supervised ceiling — one ``fixmatch`` job each."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,15 +7,20 @@ from pathlib import Path
 
 from fmnist_core.core import metrics
 from fmnist_core.core.config import param, require
-from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset
-from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, train_fixmatch
+from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset, job_dataset
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.core.io import read_json
+from fmnist_core.core.jobs import Job, run_jobs
+from fmnist_core.core.loop import load_trained
+from fmnist_core.core.models import rebuild
+from fmnist_core.core.train import resolve_device
+from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, FixMatchTraining, eval_split
 
 
 @dataclass
-class FixMatchStudyConfig(FixMatchConfig):
-    """The study: ``label_counts`` × ``seeds`` × {FixMatch, supervised-only}, plus the ceiling."""
+class FixMatchStudyConfig(FixMatchTraining):
+    """The study: ``label_counts`` × ``seeds`` × {FixMatch, supervised-only}, plus the ceiling. Each job's
+    ``num_labels``, ``label_seed``, ``seed`` and ``supervised_only`` are set from these."""
 
     label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
@@ -33,8 +38,8 @@ class FixMatchStudyConfig(FixMatchConfig):
                 f"must be 0 (none) or a multiple of 10 up to {available:,} ({self.dataset}'s training images), "
                 f"got {self.ceiling_labels}")
 
-    def run_config(self, num_labels: int, seed: int, supervised_only: bool) -> FixMatchConfig:
-        """The configuration of one run of the study."""
+    def job_config(self, num_labels: int, seed: int, supervised_only: bool) -> FixMatchConfig:
+        """The configuration of one job of the study."""
         return self.narrow(FixMatchConfig, {"num_labels": num_labels, "label_seed": seed, "seed": seed,
                                             "supervised_only": supervised_only})
 
@@ -49,30 +54,42 @@ def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
 
 
 def run_dir_name(method: str, num_labels: int, seed: int) -> str:
+    """The folder of one run under ``runs/``: ``fixmatch_n40_s0``, ``fully_supervised_n60000_s0``..."""
     return f"{method.replace(' ', '_')}_n{num_labels}_s{seed}"
 
 
-def run_study(cfg: FixMatchStudyConfig, ds: ImageDataset, run_dir, log=print) -> list[dict]:
-    """Train every planned run; one row per run with the final EMA model's test accuracy."""
-    rows = []
+def plan_jobs(cfg: FixMatchStudyConfig, run_dir) -> list[Job]:
+    """One ``fixmatch`` job per planned run, in ``runs/<method>_n<labels>_s<seed>/``."""
+    jobs = []
     for method, n, seed, supervised_only in planned_runs(cfg):
-        out = Path(run_dir) / "runs" / run_dir_name(method, n, seed)
-        _, history = train_fixmatch(cfg.run_config(n, seed, supervised_only), ds, out, log)
-        result = read_json(out / "metrics.json")
-        rows.append({"method": method, "num_labels": n, "seed": seed, "run": out.name,
-                     "test_accuracy": result["test_accuracy"], "history": history})
-    return rows
+        name = run_dir_name(method, n, seed)
+        jobs.append(Job("fixmatch", cfg.job_config(n, seed, supervised_only), Path(run_dir) / "runs" / name, name,
+                        {"method": method, "num_labels": n, "seed": seed}))
+    return jobs
+
+
+def run_study(cfg: FixMatchStudyConfig, run_dir, log=print) -> tuple[ImageDataset, list[dict]]:
+    """Plan the jobs, run them (finished ones are skipped), gather their results.
+
+    Returns
+    -------
+    ds : ImageDataset
+        The data every job trained on.
+    rows : list of dict
+        One per job: method, num_labels, seed, run (its folder under ``runs/``), the final EMA model's
+        test_accuracy, and its history.
+    """
+    ds = job_dataset(cfg.dataset, resolve_device(cfg.device))
+    jobs = plan_jobs(cfg, run_dir)
+    return ds, [{**job.info, "run": job.out_dir.name, "test_accuracy": result["test_accuracy"],
+                 "history": read_json(job.out_dir / "history.json")} for job, result in zip(jobs, run_jobs(jobs, log))]
 
 
 def test_confusion(run_path, cfg: FixMatchStudyConfig, ds: ImageDataset) -> list[list[int]]:
-    """Test confusion matrix (counts) of a run's final EMA model, on the images its accuracy was measured on."""
-    from fmnist_core.core.data import Split, subset
-    from fmnist_core.core.models import rebuild
-    from fmnist_core.chapters.fixmatch.algorithm import EVAL_SUBSET_SEED
-    from fmnist_core.core.train import load_trained
-    model, _ = load_trained(Path(run_path) / "ema.pt", rebuild, ds.test_images.device)
-    test = subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), cfg.eval_images, EVAL_SUBSET_SEED,
-                  ds.num_classes)
+    """Test confusion matrix (counts) of a run's final EMA model (``best.pt``), on the images its accuracy was
+    measured on."""
+    model, _ = load_trained(Path(run_path) / "best.pt", rebuild, ds.test_images.device)
+    test = eval_split(ds, cfg.eval_images)
     probs = metrics.predict_proba(model, test.inputs(), cfg.eval_batch_size)
     return metrics.confusion_matrix(test.labels.cpu().numpy(), probs.argmax(1).numpy(), ds.num_classes).tolist()
 
