@@ -41,10 +41,26 @@ def test_run_key_follows_parameters_and_source(tmp_path):
     assert key != runner.run_key("dataset", "quick", params, tmp_path)
 
 
-def test_run_key_covers_only_the_modules_an_experiment_uses():
-    dataset_modules = set(runner.get_experiment("dataset").modules)
-    assert "models" not in dataset_modules and "explore" in dataset_modules
-    assert "models" in runner.get_experiment("classification").modules
+def test_run_key_covers_only_the_modules_an_experiment_uses(tmp_path):
+    def sources(experiment):
+        return set(runner.key_parts(experiment, "smoke", runner.resolve_params(experiment, "smoke"),
+                                    tmp_path)["sources"])
+    assert "fmnist_core/chapters/dataset.py" in sources("dataset")
+    assert "fmnist_core/core/models.py" not in sources("dataset")
+    assert {"fmnist_core/core/models.py", "fmnist_core/core/loop.py"} <= sources("classification")
+
+
+def test_a_rerun_carries_the_finished_jobs_of_the_previous_run(tmp_path):
+    final, partial = tmp_path / "exp", tmp_path / "exp.partial"
+    (final / "models" / "done").mkdir(parents=True)
+    (final / "models" / "done" / "done.json").write_text("{}")
+    (final / "models" / "done" / "best.pt").write_bytes(b"weights")
+    (final / "models" / "unfinished").mkdir()
+    (final / "models" / "unfinished" / "last.pt").write_bytes(b"resume state")
+    assert runner.carry_finished_jobs(final, partial) == 1
+    assert (partial / "models" / "done" / "best.pt").read_bytes() == b"weights"
+    assert not (partial / "models" / "unfinished").exists()
+    assert runner.carry_finished_jobs(final, partial) == 0  # what the new run already has is kept
 
 
 def test_overrides_beat_the_profile():
