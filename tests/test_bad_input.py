@@ -192,7 +192,7 @@ OUT_OF_RANGE = {
     "latent_dim": below(1), "beta": negative, "kl_warmup_epochs": below(0), "channels": below(1),
     "study_epochs": below(1), "interpolation_steps": below(9), "samples": below(1),
     "latent_sizes": st.lists(below(1), min_size=1, max_size=3),
-    "dropout": outside_unit, "kl_weight": negative, "class_weight": negative,
+    "alpha": negative, "alpha_study": st.lists(negative, min_size=1, max_size=3), "dropout": outside_unit, "kl_weight": negative, "class_weight": negative,
     "unlabeled_ratio": below(1), "branch_channels": st.lists(st.integers(1, 64), max_size=5).filter(
         lambda b: len(b) != 2) | st.tuples(below(1), st.integers(1, 64)).map(list),
     "label_counts": st.just([]) | st.lists(below(0), min_size=1, max_size=3),

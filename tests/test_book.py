@@ -15,7 +15,7 @@ EXPECTED_FIGURES = {
     "dataset": ["examples", "class_counts", "mean_images", "raw_pixel_embeddings"],
     "classification": ["curves", "confusion", "roc", "error_destinations", "confident_mistakes", "sgd_vs_adam"],
     "layerwise": ["lenet_avg_pca", "lenet_avg_tsne", "lenet_max_tsne", "resnet18_tsne", "separability"],
-    "semisupervised": ["accuracy_vs_labels", "confusion", "voting", "reconstructions", "latent_space"],
+    "semisupervised": ["accuracy_vs_labels", "alpha_study", "confusion", "voting", "reconstructions", "latent_space"],
     "fixmatch": ["accuracy_vs_labels", "learning_curves", "pseudo_labels", "confusion"],
     "vae": ["loss_curves", "reconstructions", "interpolation_7_9", "samples", "latent_space", "latent_size_study"],
 }

@@ -76,11 +76,10 @@ def test_tta_votes_reproducibly(tmp_path, lenet_run_dir, images):
 def test_semisupervised_model_round_trip(tmp_path, toy_fashion_dataset, images):
     """A unit-input model (images / 255) behind the same command, with and without TTA."""
     cfg = semisup.SemiSupConfig.from_overrides({
-        "epochs": 1, "batch_size": 16, "val_size": 50, "num_labels": 20, "latent_dim": 8, "branch_channels": [4, 8],
-        "device": "cpu", "eval_batch_size": 100})
+        "model": "semisup_vae", "epochs": 1, "batch_size": 16, "val_size": 50, "num_labels": 20, "latent_dim": 8,
+        "branch_channels": [4, 8], "device": "cpu", "eval_batch_size": 100, "tta": 0})
     run = tmp_path / "semisup"
-    model, *_ = semisup.train_semisup(cfg, "semisup_vae", toy_fashion_dataset, run / "models" / "semisup_vae",
-                                      log=lambda *_: None)
+    semisup.train_semisup(cfg, toy_fashion_dataset, run / "models" / "semisup_vae", log=lambda *_: None)
     rebuilt, _ = semisup.load_trained_semisup(run / "models" / "semisup_vae" / "best.pt")
     for tta in (0, 3):
         expected = semisup.predict_semisup_proba(rebuilt, torch.from_numpy(images), tta=tta).argmax(1).numpy()

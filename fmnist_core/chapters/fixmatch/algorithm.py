@@ -49,7 +49,7 @@ from fmnist_core.core.train import (OptimizerConfig, RuntimeConfig, autocast_con
                                     resolve_device)
 
 DATASETS = ("fashion_mnist", "cifar10")
-BACKBONES = ("smallcnn", "wrn28_2")
+BACKBONES = ("smallcnn", "wrn28_2", "lenet_avg", "lenet_max")
 SCHEDULE = "fixmatch"  # lr * cos(7 pi k / 16 K): FixMatch's schedule is part of the method, not a parameter
 EVAL_SUBSET_SEED = 0  # the same class-balanced test subset for every run when eval_images > 0
 
@@ -60,7 +60,7 @@ class FixMatchMethod(Config):
     """FixMatch's own parameters: data, backbone, step budget, loss, EMA, and the intervals of a run."""
 
     dataset: str = param("fashion_mnist", "fashion_mnist | cifar10")
-    backbone: str = param("wrn28_2", "wrn28_2 (the paper's) | smallcnn (quick runs)")
+    backbone: str = param("wrn28_2", "wrn28_2 (the paper's) | smallcnn | lenet_avg | lenet_max (CPU budgets)")
     batch_size: int = param(64, "B: labeled images per step")
     steps: int = param(2 ** 20, "K: optimiser steps (the paper: 2^20)")
     mu: int = param(7, "unlabeled images per labeled image in a step")

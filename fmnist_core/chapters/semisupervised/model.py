@@ -16,11 +16,20 @@ their ``input`` field ("unit" or, when absent, "standardised").
 
 An epoch is one pass over the *unlabeled* images (the whole training split), ``batch_size *
 unlabeled_ratio`` of them per step; every step also takes ``batch_size`` labeled images, cycling through
-the labeled subset as often as needed (a fresh shuffle per pass). All four models get the same number of
-labeled batches per epoch, so with 100 labels an epoch is not a single step.
+the labeled subset as often as needed (a fresh shuffle per pass, the cycle restarting with every epoch).
+All four models get the same number of labeled batches per epoch, so with 100 labels an epoch is not a
+single step.
+
+Training goes through the book's one loop: ``semisup_vae``, ``m2`` and ``encoder_only`` are the
+:class:`SemiSupervised` algorithm run by :func:`fmnist_core.core.loop.train`, the ``cnn`` baseline is
+:func:`fmnist_core.core.supervised.fit` on the labeled subset. One trained and evaluated model is a
+``semisup`` job (:func:`run_semisup`, configured by :class:`SemiSupConfig`). The weights of the
+classification terms are derived in :func:`m2_loss` (M2's ``alpha``) and :func:`semisup_loss` (the
+Semi-SupVAE's ``class_weight``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,74 +39,111 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist_core.core import metrics
-from fmnist_core.core.config import param, require, require_choice
-from fmnist_core.core.data import (TRAIN_IMAGES, ImageDataset, Split, Splits, balanced_subset, batch_indices, make_splits,
-                                   save_indices, tta_augment, weak_augment)
+from fmnist_core.core import loop, metrics
+from fmnist_core.core.config import Config, param, require, require_choice
+from fmnist_core.core.data import (TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, Splits, balanced_subset, job_dataset,
+                                   make_splits, save_indices, tta_augment, weak_augment)
 from fmnist_core.core.errors import ConfigError
-from fmnist_core.core.models import build_model, model_meta, rebuild
-from fmnist_core.core.train import (TrainConfig, autocast_context, check_finite, evaluate, fit, fit_epochs,
-                    load_trained)
 from fmnist_core.core.generative import kl_divergence, reconstruction_loss, reparameterize, to_unit, vae_loss
+from fmnist_core.core.io import write_json
+from fmnist_core.core.jobs import job_kind
+from fmnist_core.core.loop import Algorithm, Plan, Selection, load_trained
+from fmnist_core.core.models import build_model, model_meta, rebuild
+from fmnist_core.core.supervised import fit
+from fmnist_core.core.train import (EpochBudget, OptimizerConfig, RuntimeConfig, ScheduleConfig, TrainConfig,
+                                    autocast_context, evaluate, prepare_model, resolve_device)
 
 SEMISUP_MODELS = ("semisup_vae", "m2", "encoder_only", "cnn")
 CNN_ARCHITECTURE = "mycnn"  # the classification chapter's registry name of the "cnn" baseline
 CLASSIFIER_HIDDEN = 128
+DATASET = "fashion_mnist"
+KINGMA_ALPHA = 0.1  # Kingma et al. (2014): alpha = 0.1 N, i.e. 0.1 on the mean cross-entropy (see m2_loss)
+SEMISUP_VAE_CLASS_WEIGHT = 784.0  # 28 x 28 pixels: see SemiSupParams.class_weight
+
+
+# ------------------------------------------------------------------------------------------ parameters
+@dataclass
+class SemiSupBudget(EpochBudget):
+    """The budget of every model of the chapter, counted in passes over the unlabeled images."""
+
+    epochs: int = param(20, "passes over the unlabeled images (the training split)")
 
 
 @dataclass
-class SemiSupConfig(TrainConfig):
-    """Parameters of the semi-supervised chapter; training fields are shared with :class:`TrainConfig`.
+class SemiSupParams(Config):
+    """The chapter's own parameters: data, architecture, loss weights, sampling and evaluation.
 
-    ``class_weight`` is the alpha of Kingma et al. (2014): the weight of the labeled cross-entropy next to
-    the (per-image mean) generative losses. Left at 0 it follows their alpha = 0.1 * N: their objective sums
-    L over the labeled images, U over the N unlabeled ones and alpha * CE over the labeled ones; divided by N,
-    with per-batch means, the cross-entropy's weight next to mean U becomes alpha * num_labels / N =
-    0.1 * num_labels (10 for 100 labels, 500 for 5,000).
+    ``alpha`` weighs M2's classification term as Kingma et al. (2014) did (derivation in :func:`m2_loss`).
+    ``class_weight`` weighs the Semi-SupVAE's. Its source, the Semi-SupVAE report, gives no weight: for labeled
+    images it computes the reconstruction loss and the classification loss and back-propagates both, i.e. adds them
+    unweighted, without saying how either is reduced. Here the ELBO is in nats per image (summed over the pixels:
+    a few hundred nats) and the cross-entropy a mean over the labeled images (2.3 nats untrained), so a weight of
+    1 would leave the shared encoder to the reconstruction alone. The default, 784 = 28 x 28, is the report's
+    unweighted sum written in these units under PyTorch's default reductions (reconstruction averaged over pixels,
+    cross-entropy over images): multiplying that sum by the pixels per image gives the per-image reconstruction
+    plus 784 times the mean cross-entropy. It does not depend on the label count. A short check (3 epochs over
+    12,000 unlabeled images, one seed; validation accuracy) put weights of 1 and 10 well behind 100 and 784, which
+    were close: 65 / 71 / 75 / 73 % at 100 labels, 71 / 77 / 82 / 84 % at 1,000.
     """
 
-    epochs: int = param(20, "passes over the unlabeled images (the training split)")
     augment: bool = param(True, "random 2-pixel shift and horizontal flip of labeled and unlabeled batches")
-    num_labels: int = param(5000, "labeled images (class-balanced, drawn from the training split); 0 = all")
-    label_seed: int = param(0, "seed of the labeled subset")
     val_size: int = param(5000, "validation images held out of the training set (class-balanced)")
-    split_seed: int = param(0, "seed of the train/validation split")
+    split_seed: int = param(0, "seed of the train/validation split and of the test subset")
+    train_images: int = param(0, "cut the training split (the unlabeled pool) to this many images, class-balanced "
+                                 "(drawn with the run's seed); 0 = all")
+    test_images: int = param(0, "evaluate on a class-balanced test subset of this size, the same for every run; "
+                                "0 = all")
     latent_dim: int = param(80, "dimensions of the latent code z")
     branch_channels: list[int] = param([32, 64], "[a, b]: the one-convolution branch has a channels, the "
                                                  "two-convolution branch a then b")
     dropout: float = param(0.25, "dropout after every encoder convolution and in the classifier")
-    kl_weight: float = param(1.0, "weight of the KL term (1 = the ELBO; the source report had no weight)")
-    class_weight: float = param(0.0, "alpha, weight of the labeled cross-entropy; 0 = Kingma et al.'s "
-                                     "0.1 * num_labels (their alpha = 0.1 N, per image)")
+    kl_weight: float = param(1.0, "weight of the KL term (1 = the ELBO; the source report had no KL term)")
+    class_weight: float = param(SEMISUP_VAE_CLASS_WEIGHT,
+                                "Semi-SupVAE: weight of the labeled images' mean cross-entropy next to the per-image "
+                                "ELBO; the Semi-SupVAE report added the two losses with no weight (784 = 28 x 28: that "
+                                "unweighted sum under PyTorch's mean reductions, in nats per image)")
+    alpha: float = param(KINGMA_ALPHA, "M2: weight of the labeled images' mean cross-entropy next to the per-image "
+                                       "bounds; Kingma et al.'s alpha = 0.1 N on sums over N images is 0.1 here")
     unlabeled_ratio: int = param(1, "unlabeled images per labeled image in each step")
-    models: list[str] = param(list(SEMISUP_MODELS), "semisup_vae | m2 | encoder_only | cnn")
     tta: int = param(8, "test-time augmentation: average softmax over this many extra shifted/flipped copies")
 
     def check(self) -> None:
         super().check()
         # The labeled subset, the validation split and the train_images cut are all class-balanced.
-        require(self.num_labels >= 0 and self.num_labels % 10 == 0, "num_labels",
-                f"must be 0 (all) or a positive multiple of 10 (the same number of every class), got {self.num_labels}")
-        require(10 <= self.val_size < TRAIN_IMAGES["fashion_mnist"] and self.val_size % 10 == 0, "val_size",
+        require(10 <= self.val_size < TRAIN_IMAGES[DATASET] and self.val_size % 10 == 0, "val_size",
                 f"must be a positive multiple of 10 below Fashion-MNIST's 60,000 training images, got {self.val_size}")
-        require(self.train_images % 10 == 0, "train_images",
+        require(self.split_seed >= 0, "split_seed", f"must be non-negative, got {self.split_seed}")
+        require(self.train_images >= 0 and self.train_images % 10 == 0, "train_images",
                 f"must be 0 (all) or a multiple of 10 (the same number of every class), got {self.train_images}")
-        for name in ("seed", "label_seed", "split_seed"):  # NumPy's generators refuse negative seeds
-            require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
+        require(self.test_images == 0 or (10 <= self.test_images <= TEST_IMAGES[DATASET]
+                                          and self.test_images % 10 == 0), "test_images",
+                f"must be 0 (all) or a positive multiple of 10 up to 10,000, got {self.test_images}")
         require(self.latent_dim >= 1, "latent_dim", f"must be at least 1, got {self.latent_dim}")
         require(len(self.branch_channels) == 2 and all(c >= 1 for c in self.branch_channels), "branch_channels",
                 f"must be two positive widths [a, b], got {self.branch_channels}")
         require(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
-        require(self.kl_weight >= 0, "kl_weight", f"must be non-negative, got {self.kl_weight}")
-        require(self.class_weight >= 0, "class_weight", "must be positive, or 0 for Kingma et al.'s rule")
+        for name in ("kl_weight", "class_weight", "alpha"):
+            require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
         require(self.unlabeled_ratio >= 1, "unlabeled_ratio", f"must be at least 1, got {self.unlabeled_ratio}")
-        require(len(self.models) > 0, "models", "must name at least one model")
-        require(len(set(self.models)) == len(self.models), "models", "must not name a model twice")
-        for name in self.models:
-            require_choice(name, "models", SEMISUP_MODELS)
         require(self.tta >= 0, "tta", "must be non-negative")
-        require(self.label_smoothing == 0, "label_smoothing", "is not supported here (the losses of the "
-                                                              "semi-supervised models have none)")
+
+
+@dataclass
+class SemiSupConfig(SemiSupBudget, OptimizerConfig, ScheduleConfig, RuntimeConfig, SemiSupParams):
+    """One ``semisup`` job: one model trained on one labeled subset with one seed, then evaluated."""
+
+    model: str = param("semisup_vae", "semisup_vae | m2 | encoder_only | cnn")
+    num_labels: int = param(5000, "labeled images (class-balanced, drawn from the training split); 0 = all")
+    label_seed: int = param(0, "seed of the labeled subset")
+    seed: int = param(0, "seed of the initial weights, the batch order, augmentation, dropout and z noise")
+
+    def check(self) -> None:
+        super().check()
+        require_choice(self.model, "model", SEMISUP_MODELS)
+        require(self.num_labels >= 0 and self.num_labels % 10 == 0, "num_labels",
+                f"must be 0 (all) or a positive multiple of 10 (the same number of every class), got {self.num_labels}")
+        for name in ("seed", "label_seed"):  # NumPy's generators refuse negative seeds
+            require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
 
 
 # ------------------------------------------------------------------------------------------ the models
@@ -279,7 +325,7 @@ REBUILDABLE = tuple(_ARCHITECTURES)  # checkpoint "model" values :func:`rebuild_
 
 def rebuild_semisup(config: dict) -> nn.Module:
     """Build the model described by a checkpoint's config: ``semisup_vae``, ``encoder_only`` or ``m2``
-    (the ``cnn`` baseline's checkpoints name ``mycnn``: :func:`fmnist_core.chapters.classification.rebuild` builds it)."""
+    (the ``cnn`` baseline's checkpoints name ``mycnn``: :func:`fmnist_core.core.models.rebuild` builds it)."""
     if config.get("model") not in _ARCHITECTURES:
         raise ConfigError(f"checkpoint model {config.get('model')!r} is not one of {', '.join(_ARCHITECTURES)}")
     return _ARCHITECTURES[config["model"]](config["in_channels"], config["image_size"], len(config["class_names"]),
@@ -294,9 +340,35 @@ def _nll(x_hat: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
         return reconstruction_loss(x_hat.float(), x.float(), kind)
 
 
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows where ``mask`` is True, computed on the device without branching.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (N, K)
+    labels : torch.Tensor, shape (N,)
+        Class indices; entries where ``mask`` is False may hold anything (-1, say).
+    mask : torch.Tensor of bool, shape (N,)
+
+    Returns
+    -------
+    torch.Tensor
+        A 0-dim tensor: the mean over the masked rows, or 0 (through which no gradient flows) when no row is.
+    """
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    each = F.cross_entropy(logits, safe, reduction="none")
+    weight = mask.to(each.dtype)
+    return (each * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def semisup_loss(out: dict, x: torch.Tensor, labels: torch.Tensor, labeled_mask: torch.Tensor, kl_weight: float,
                  class_weight: float, recon_kind: str = "bce") -> dict:
-    """The SemiSupVAE objective: ``recon + kl_weight * KL + class_weight * CE``.
+    """The SemiSupVAE objective: ``mean(recon + kl_weight * KL) + class_weight * mean_labeled(CE)``.
+
+    Every image of the batch contributes its negative ELBO (nats per image); the labeled ones also their
+    cross-entropy, averaged over the labeled images of the batch and weighted by ``class_weight`` (see
+    :class:`SemiSupParams` for the default and for what the Semi-SupVAE report did). Nothing is read back
+    to the host: the labeled images are selected by masking (:func:`masked_cross_entropy`).
 
     Parameters
     ----------
@@ -309,9 +381,9 @@ def semisup_loss(out: dict, x: torch.Tensor, labels: torch.Tensor, labeled_mask:
     labeled_mask : torch.Tensor of bool
         Which images have a label.
     kl_weight, class_weight : float
-        Weights of the KL term and of the cross-entropy.
+        Weights of the KL term and of the mean cross-entropy.
     recon_kind : str
-        ``bce`` or ``mse`` (see :func:`fmnist_core.chapters.vae.reconstruction_loss`).
+        ``bce`` or ``mse`` (see :func:`fmnist_core.core.generative.reconstruction_loss`).
 
     Returns
     -------
@@ -323,11 +395,7 @@ def semisup_loss(out: dict, x: torch.Tensor, labels: torch.Tensor, labeled_mask:
     with torch.autocast(x.device.type, enabled=False):
         elbo = vae_loss(out["x_hat"].float(), x.float(), out["mu"].float(), out["logvar"].float(), kl_weight,
                         recon_kind)
-    logits = out["logits"].float()
-    if bool(labeled_mask.any()):
-        ce = F.cross_entropy(logits[labeled_mask], labels[labeled_mask])
-    else:
-        ce = logits.new_zeros(())
+    ce = masked_cross_entropy(out["logits"].float(), labels, labeled_mask)
     return {"loss": elbo["loss"] + class_weight * ce, "recon": elbo["recon"], "kl": elbo["kl"],
             "classification": ce}
 
@@ -370,31 +438,79 @@ def m2_unlabeled_bound(model: M2, x: torch.Tensor, generator: torch.Generator | 
 
 
 def m2_loss(model: M2, x_labeled: torch.Tensor, y_labeled: torch.Tensor, x_unlabeled: torch.Tensor | None,
-            class_weight: float, generator: torch.Generator | None = None, kl_weight: float = 1.0,
+            alpha: float, generator: torch.Generator | None = None, kl_weight: float = 1.0,
             recon_kind: str = "bce") -> dict:
     """Kingma et al.'s J^alpha per image: ``mean L(x, y) + mean U(x) + alpha * mean(-log q(y | x))``.
 
-    Means over the labeled and the unlabeled batch (rather than the paper's sums over the data sets),
-    hence the per-image weight 0.1 * num_labels for their alpha = 0.1 N (see :func:`resolve_class_weight`). Returns ``loss``, ``labeled``, ``unlabeled`` (0 without
-    unlabeled images) and ``classification``.
+    The weight ``alpha`` of the mean cross-entropy is 0.1 by default, whatever the number of labels:
+
+    * the paper (Kingma et al., 2014, section 3.1.2, eq. 9) writes
+      ``J^alpha = sum_labeled L(x, y) + sum_unlabeled U(x) + alpha * E_p~l(x,y)[-log q(y | x)]``, the bounds
+      *summed* over the data and the classification term an *expectation*, i.e. a mean over the labeled
+      pairs, with ``alpha = 0.1 N``; divided by N (a per-image objective for stochastic gradients) this is
+      ``(sum L + sum U) / N + 0.1 * mean_labeled(-log q(y | x))``;
+    * their code (dpkingma/nips14-ssl, ``learn_yz_x_ss.py``, run with ``alpha=0.1`` by ``exp_ssl.py``)
+      multiplies each labeled ``log q(y | x)`` by ``beta = alpha * n_tot / n_labeled`` and divides the
+      objective by ``n_tot``: ``beta / n_tot * sum_labeled = alpha * mean_labeled``, again 0.1 on the mean
+      cross-entropy next to bounds averaged per image.
+
+    Here both bounds are batch means (one labeled and one unlabeled batch per step), so ``alpha`` multiplies
+    the labeled batch's mean cross-entropy directly. (The paper's sums weigh the labeled bound by the labeled
+    share of the data, n_labeled / N; the per-batch means of this chapter give both bounds equal weight.)
+
+    Returns
+    -------
+    dict
+        ``loss``, ``labeled`` (mean L), ``unlabeled`` (mean U; 0 without unlabeled images) and
+        ``classification`` (mean cross-entropy of the labeled batch), all 0-dim tensors.
     """
     labeled = m2_labeled_bound(model, x_labeled, y_labeled, generator, kl_weight, recon_kind).mean()
     has_unlabeled = x_unlabeled is not None and len(x_unlabeled) > 0
     unlabeled = (m2_unlabeled_bound(model, x_unlabeled, generator, kl_weight, recon_kind).mean() if has_unlabeled
                  else labeled.new_zeros(()))
     ce = F.cross_entropy(model.classify(x_labeled).float(), y_labeled)
-    return {"loss": labeled + unlabeled + class_weight * ce, "labeled": labeled, "unlabeled": unlabeled,
+    return {"loss": labeled + unlabeled + alpha * ce, "labeled": labeled, "unlabeled": unlabeled,
             "classification": ce}
 
 
-def resolve_class_weight(cfg: SemiSupConfig, num_unlabeled: int, num_labeled: int) -> float:
-    """``cfg.class_weight``, or Kingma et al.'s alpha = 0.1 N expressed per image when it is 0.
+def classification_weight(cfg: SemiSupConfig) -> float:
+    """The weight of the mean cross-entropy in the loss of ``cfg.model``: ``class_weight`` for the
+    Semi-SupVAE, ``alpha`` for M2, 1 for the classifiers trained on labels alone (their only term)."""
+    if cfg.model == "semisup_vae":
+        return cfg.class_weight
+    if cfg.model == "m2":
+        return cfg.alpha
+    return 1.0
 
-    Their J = sum_labeled L + sum_unlabeled U + alpha sum_labeled CE; divided by the N unlabeled images and
-    written with batch means, the weight of mean CE next to mean U is alpha * num_labeled / N = 0.1 * num_labeled.
-    """
-    alpha = 0.1 * num_unlabeled
-    return cfg.class_weight if cfg.class_weight > 0 else alpha * num_labeled / num_unlabeled
+
+def _semisup_vae_step(model, xl, yl, xu, generator, *, dtype, weight, kl_weight):
+    x = torch.cat([xl, xu])
+    labels = torch.cat([yl, yl.new_full((len(xu),), -1)])
+    mask = torch.arange(len(x), device=x.device) < len(xl)
+    with autocast_context(x.device, dtype):
+        out = model(x, generator=generator)
+    return semisup_loss(out, x, labels, mask, kl_weight, weight)
+
+
+def _m2_step(model, xl, yl, xu, generator, *, dtype, weight, kl_weight):
+    with autocast_context(xl.device, dtype):
+        return m2_loss(model, xl, yl, xu, weight, generator, kl_weight)
+
+
+def _encoder_only_step(model, xl, yl, xu, generator, *, dtype):
+    with autocast_context(xl.device, dtype):
+        ce = F.cross_entropy(model(xl).float(), yl)
+    return {"loss": ce, "classification": ce}
+
+
+def make_step(cfg: SemiSupConfig):
+    """``step(model, x_labeled, y_labeled, x_unlabeled, generator) -> dict`` of 0-dim losses (``loss`` and
+    the terms recorded in the history) for ``cfg.model`` (not ``cnn``), with its weights read once."""
+    name, dtype = cfg.model, cfg.dtype
+    if name == "encoder_only":
+        return functools.partial(_encoder_only_step, dtype=dtype)
+    step = _semisup_vae_step if name == "semisup_vae" else _m2_step
+    return functools.partial(step, dtype=dtype, weight=classification_weight(cfg), kl_weight=cfg.kl_weight)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -411,19 +527,20 @@ class SemiSupData:
 
 
 def semisup_splits(cfg: SemiSupConfig, ds: ImageDataset) -> SemiSupData:
-    """The class-balanced train/validation split (``train`` cut to ``train_images`` if set) and the
-    class-balanced labeled subset of ``train``: ``balanced_subset(train labels, num_labels, label_seed)``."""
+    """The class-balanced train/validation split (``train`` cut to ``train_images`` if set), the
+    class-balanced labeled subset of ``train`` (``balanced_subset(train labels, num_labels, label_seed)``)
+    and the test set (or its class-balanced subset of ``test_images``, drawn with ``split_seed``)."""
     labels = ds.train_labels.cpu().numpy()
     try:
-        splits, indices = make_splits(ds, cfg.val_size, cfg.split_seed)
+        splits, indices = make_splits(ds, cfg.val_size, cfg.split_seed, cfg.test_images)
         train_idx = indices["train"]
         if 0 < cfg.train_images < len(train_idx):
             train_idx = train_idx[balanced_subset(labels[train_idx], cfg.train_images, cfg.seed, ds.num_classes)]
         labeled_idx = (train_idx[balanced_subset(labels[train_idx], cfg.num_labels, cfg.label_seed, ds.num_classes)]
                        if cfg.num_labels else train_idx)
     except ValueError as err:
-        raise ConfigError(f"parameter 'num_labels', 'val_size' or 'train_images' does not fit {ds.name}: "
-                          f"{err}") from None
+        raise ConfigError(f"parameter 'num_labels', 'val_size', 'train_images' or 'test_images' does not fit "
+                          f"{ds.name}: {err}") from None
 
     def part(idx):
         idx_t = torch.as_tensor(idx, device=ds.train_images.device)
@@ -445,141 +562,180 @@ def unit_split(split: Split) -> Split:
 
 
 # ------------------------------------------------------------------------------------------- training
-def _endless_batches(n: int, batch_size: int, generator: torch.Generator, device):
-    """Shuffled batches of ``range(n)``, pass after pass (the labeled subset is cycled through)."""
-    while True:
-        yield from batch_indices(n, batch_size, generator, device)
+def _permutation(n: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.randperm(n, generator=generator, device=generator.device).to(device)
 
 
 def _unit_batch(images: torch.Tensor, augment: bool, generator: torch.Generator) -> torch.Tensor:
     return to_unit(weak_augment(images, generator) if augment else images)
 
 
-def make_step(model_name: str, cfg: SemiSupConfig, class_weight: float):
-    """``step(model, x_labeled, y_labeled, x_unlabeled, generator) -> dict`` of losses for one model."""
-    def semisup_vae(model, xl, yl, xu, generator):
-        x = torch.cat([xl, xu])
-        labels = torch.cat([yl, yl.new_full((len(xu),), -1)])
-        mask = torch.arange(len(x), device=x.device) < len(xl)
-        with autocast_context(x.device, cfg.dtype):
-            out = model(x, generator=generator)
-        return semisup_loss(out, x, labels, mask, cfg.kl_weight, class_weight)
+class SemiSupervised(Algorithm):
+    """One labeled and one unlabeled batch per step for ``semisup_vae``, ``m2`` or ``encoder_only``.
 
-    def encoder_only(model, xl, yl, xu, generator):
-        with autocast_context(xl.device, cfg.dtype):
-            ce = F.cross_entropy(model(xl).float(), yl)
-        return {"loss": ce, "classification": ce}
+    Step ``k`` of an epoch takes the ``k``-th slice of that epoch's permutation of the unlabeled pool
+    (``batch_size * unlabeled_ratio`` images) and the next ``batch_size`` images of the labeled cycle (a
+    fresh permutation whenever one is used up, and at the start of every epoch); both are augmented when
+    ``augment`` is set (``encoder_only`` ignores the unlabeled batch). Losses are :func:`make_step`'s; their
+    terms are the step statistics (``train_recon``, ``train_kl``, ``train_labeled``, ``train_unlabeled``,
+    ``train_classification``: means over the steps of an epoch). Evaluation: cross-entropy and accuracy of
+    the classifier on the validation split (``val_loss``, ``val_accuracy``).
 
-    def m2(model, xl, yl, xu, generator):
-        with autocast_context(xl.device, cfg.dtype):
-            return m2_loss(model, xl, yl, xu, class_weight, generator, cfg.kl_weight)
+    Parameters
+    ----------
+    model, runnable : torch.nn.Module
+        The model on the device and what the forward pass calls (itself, or its compiled version).
+    data : SemiSupData
+    cfg : SemiSupConfig
+    """
 
-    return {"semisup_vae": semisup_vae, "encoder_only": encoder_only, "m2": m2}[model_name]
+    def __init__(self, model, runnable, data: SemiSupData, cfg: SemiSupConfig):
+        self.model, self.runnable, self.labeled, self.pool = model, runnable, data.labeled, data.splits.train.images
+        self.view, self.val = ClassifierView(runnable), unit_split(data.splits.val)
+        self.batch_size, self.unlabeled_batch = cfg.batch_size, cfg.batch_size * cfg.unlabeled_ratio
+        self.augment, self.dtype, self.eval_batch_size = cfg.augment, cfg.dtype, cfg.eval_batch_size
+        self.step_fn, self.uses_unlabeled = make_step(cfg), cfg.model != "encoder_only"
+        self.steps_per_epoch = steps_per_epoch(cfg, len(self.pool))
+        self.u_order, self.l_order, self.l_next = None, None, 0
+
+    def _labeled_index(self, generator) -> torch.Tensor:
+        if self.l_order is None or self.l_next >= len(self.l_order):
+            self.l_order, self.l_next = _permutation(len(self.labeled.labels), generator, self.pool.device), 0
+        index = self.l_order[self.l_next:self.l_next + self.batch_size]
+        self.l_next += self.batch_size
+        return index
+
+    def train_step(self, step, generator):
+        position = step % self.steps_per_epoch
+        if position == 0:  # a new pass over the unlabeled pool; the labeled cycle restarts too
+            self.u_order, self.l_order = _permutation(len(self.pool), generator, self.pool.device), None
+        u_index = self.u_order[position * self.unlabeled_batch:(position + 1) * self.unlabeled_batch]
+        l_index = self._labeled_index(generator)
+        xl = _unit_batch(self.labeled.images[l_index], self.augment, generator)
+        xu = _unit_batch(self.pool[u_index], self.augment, generator) if self.uses_unlabeled else None
+        self.runnable.train()
+        losses = self.step_fn(self.runnable, xl, self.labeled.labels[l_index], xu, generator)
+        return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
+
+    def evaluate(self):
+        stats = evaluate(self.view, self.val, self.eval_batch_size, self.dtype)
+        return {f"val_{k}": v for k, v in stats.items()}
+
+    def state_dict(self):
+        return {"u_order": self.u_order, "l_order": self.l_order, "l_next": self.l_next}
+
+    def load_state_dict(self, state):
+        self.u_order, self.l_order, self.l_next = state["u_order"], state["l_order"], state["l_next"]
 
 
-def make_epoch_fn(step, labeled: Split, unlabeled_images: torch.Tensor, cfg: SemiSupConfig,
-                  uses_unlabeled: bool = True):
-    """The ``epoch_fn`` of :func:`fit_epochs`: one pass over ``unlabeled_images``, each step with a labeled
-    batch of ``batch_size`` (cycled) and an unlabeled one ``unlabeled_ratio`` times as large; returns the
-    losses averaged over steps."""
-    def epoch_fn(model, optimizer, scheduler, generator, where):
-        model.train()
-        device = labeled.images.device
-        labeled_batches = _endless_batches(len(labeled.labels), cfg.batch_size, generator, device)
-        totals, steps = {}, 0
-        for u_index in batch_indices(len(unlabeled_images), cfg.batch_size * cfg.unlabeled_ratio, generator, device):
-            l_index = next(labeled_batches)
-            xl = _unit_batch(labeled.images[l_index], cfg.augment, generator)
-            xu = _unit_batch(unlabeled_images[u_index], cfg.augment, generator) if uses_unlabeled else None
-            losses = step(model, xl, labeled.labels[l_index], xu, generator)
-            check_finite(losses["loss"], f"{where}, step {scheduler.last_epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            scheduler.step()
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-            steps += 1
-        return {key: value / steps for key, value in totals.items()}
-    return epoch_fn
-
-
-def semisup_meta(model_name: str, ds: ImageDataset, cfg: SemiSupConfig, class_weight: float) -> dict:
+def semisup_meta(cfg: SemiSupConfig, ds: ImageDataset) -> dict:
     """What :func:`rebuild_semisup` and ``predict`` need, stored in the checkpoints: the classification
-    chapter's fields, ``input`` = "unit" (images / 255), the architecture and the alpha used."""
-    return {**model_meta(model_name, ds), "input": "unit", "latent_dim": cfg.latent_dim,
+    chapter's fields, ``input`` = "unit" (images / 255), the architecture and the classification weight."""
+    return {**model_meta(cfg.model, ds), "input": "unit", "latent_dim": cfg.latent_dim,
             "branch_channels": list(cfg.branch_channels), "dropout": cfg.dropout, "hidden": CLASSIFIER_HIDDEN,
-            "class_weight_used": class_weight}
+            "classification_weight": classification_weight(cfg)}
 
 
-def _train_generative(cfg: SemiSupConfig, model_name: str, ds: ImageDataset, data: SemiSupData, out_dir, log):
-    pool = data.splits.train.images
-    class_weight = resolve_class_weight(cfg, len(pool), len(data.labeled.labels))
-    meta = semisup_meta(model_name, ds, cfg, class_weight)
+def _train_generative(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir: Path, log):
+    meta = semisup_meta(cfg, ds)
     torch.manual_seed(cfg.seed)  # the initial weights, as in the other chapters
-    model = rebuild_semisup(meta).to(pool.device)
-    epoch_fn = make_epoch_fn(make_step(model_name, cfg, class_weight), data.labeled, pool, cfg,
-                             uses_unlabeled=model_name != "encoder_only")
-    val = unit_split(data.splits.val)
-    history = fit_epochs(model, cfg, out_dir, steps_per_epoch(cfg, len(pool)), epoch_fn,
-                         lambda m: evaluate(ClassifierView(m), val, cfg.eval_batch_size, cfg.dtype),
-                         device=pool.device, log=log, name=model_name, meta=meta)
-    return model, history
+    raw, runnable = prepare_model(rebuild_semisup(meta), cfg, data.labeled.images.device)
+    algo = SemiSupervised(raw, runnable, data, cfg)
+    plan = Plan.epochs(cfg.epochs, algo.steps_per_epoch, Selection("val_accuracy"))
+    return loop.train(algo, plan, cfg, cfg.schedule, cfg.seed, out_dir, {**cfg.to_dict(), **meta},
+                      name=out_dir.name, log=log)
 
 
-def _train_cnn(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir, log):
-    """``mycnn`` with :func:`fmnist_core.core.train.fit` on the labeled subset, tiled to the same number of
+def _train_cnn(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir: Path, log):
+    """``mycnn`` with :func:`fmnist_core.core.supervised.fit` on the labeled subset, tiled to the same number of
     steps per epoch as the other models."""
-    tcfg = cfg.narrow(TrainConfig, {"train_images": 0})
+    tcfg = cfg.narrow(TrainConfig, {"train_images": 0}, where="semisup job (cnn)")
     n = steps_per_epoch(cfg, len(data.splits.train.labels)) * cfg.batch_size
     tile = torch.arange(n, device=data.labeled.labels.device) % len(data.labeled.labels)
     labeled = Split(data.labeled.images[tile], data.labeled.labels[tile], ds.mean, ds.std)
-    # The semi-supervised settings go into the checkpoints too: another labeled subset is not resumed.
+    # The semi-supervised settings go into the checkpoints too: they say which labeled subset it learnt from.
     meta = {**model_meta(CNN_ARCHITECTURE, ds), "input": "standardised", "semisup": cfg.to_dict()}
     torch.manual_seed(cfg.seed)
     c, h, _ = ds.image_shape
     model = build_model(CNN_ARCHITECTURE, in_channels=c, image_size=h, num_classes=ds.num_classes)
-    history = fit(model.to(labeled.images.device), labeled, data.splits.val, tcfg, out_dir, log=log, name="cnn",
-                  meta=meta)
-    return model, history
+    return fit(model.to(labeled.images.device), labeled, data.splits.val, tcfg, out_dir, meta=meta,
+               name=out_dir.name, log=log)
 
 
-def train_semisup(cfg: SemiSupConfig, model_name: str, ds: ImageDataset, out_dir, log=print):
-    """Train one model of the chapter with :func:`fmnist_core.core.train.fit_epochs`; ``best.pt`` has the best
-    validation accuracy.
+def train_semisup(cfg: SemiSupConfig, ds: ImageDataset, out_dir, log=print) -> tuple[list[dict], SemiSupData]:
+    """Train ``cfg.model`` on ``ds``; ``best.pt`` has the best validation accuracy.
 
     Parameters
     ----------
     cfg : SemiSupConfig
-    model_name : str
-        ``semisup_vae``, ``m2``, ``encoder_only`` or ``cnn``.
     ds : ImageDataset
         The dataset, on the training device.
     out_dir : path
-        Receives ``last.pt``, ``best.pt``, ``history.json``, ``history.csv`` (resumed if present) and
-        ``labeled_indices.npz`` (``labeled``, ``train``, ``val``: indices into the training images).
+        The job folder: ``best.pt``, ``final.pt``, ``history.json``/``.csv`` (``last.pt`` while training,
+        resumed if it matches) and ``labeled_indices.npz`` (``labeled``, ``train``, ``val``: indices into
+        the training images).
     log : callable
 
     Returns
     -------
-    model : torch.nn.Module
-        The model after the last epoch (``best.pt`` holds the best one; ``predict`` rebuilds it).
     history : list of dict
-        Per epoch: ``train_*`` losses (per-step means), ``val_loss`` and ``val_accuracy``.
-    splits : fmnist_core.chapters.classification.Splits
-        ``train`` (the unlabeled images: the whole training split), ``val``, ``test``.
-    labeled_idx : np.ndarray
-        Indices into ``ds.train_images`` of the labeled subset.
+        Per epoch: ``train_*`` means over its steps, ``val_loss``, ``val_accuracy``, ``lr``, ``seconds``.
+    data : SemiSupData
+        The splits and the labeled subset the model learnt from.
     """
-    require_choice(model_name, "model_name", SEMISUP_MODELS)
+    out_dir = Path(out_dir)
     data = semisup_splits(cfg, ds)
-    save_indices(Path(out_dir) / "labeled_indices.npz", labeled=data.labeled_idx, train=data.train_idx,
+    save_indices(out_dir / "labeled_indices.npz", labeled=data.labeled_idx, train=data.train_idx,
                  val=data.val_idx)
-    if model_name == "cnn":
-        model, history = _train_cnn(cfg, ds, data, out_dir, log)
-    else:
-        model, history = _train_generative(cfg, model_name, ds, data, out_dir, log)
-    return model, history, data.splits, data.labeled_idx
+    train = _train_cnn if cfg.model == "cnn" else _train_generative
+    return train(cfg, ds, data, out_dir, log), data
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose most probable class is the label (an exact fraction, as the loop's evaluation)."""
+    return int((probs.argmax(1) == labels.cpu()).sum()) / len(labels)
+
+
+def evaluate_run(out_dir, data: SemiSupData, tta: int, batch_size: int = 256) -> dict:
+    """Accuracy of a run's ``best.pt`` on its labeled subset, the validation split and the test set (also with
+    ``tta`` extra augmented copies, whose probabilities are saved as ``test_probs.npy``); its epoch."""
+    out_dir = Path(out_dir)
+    model, state = load_trained_semisup(out_dir / "best.pt", data.splits.test.images.device)
+
+    def probs(split, copies=0):
+        return class_probabilities(model, state["config"], to_unit(split.images), copies, batch_size)
+
+    test = data.splits.test
+    test_probs = probs(test, tta)
+    np.save(out_dir / "test_probs.npy", test_probs.numpy())
+    return {"train_accuracy": accuracy(probs(data.labeled), data.labeled.labels),
+            "val_accuracy": accuracy(probs(data.splits.val), data.splits.val.labels),
+            "test_accuracy": accuracy(probs(test), test.labels),
+            "test_accuracy_tta": accuracy(test_probs, test.labels), "best_epoch": int(state["epoch"])}
+
+
+def train_and_evaluate(cfg: SemiSupConfig, ds: ImageDataset, out_dir, log=print) -> dict:
+    """:func:`train_semisup`, then :func:`evaluate_run`; the training time goes to ``timings.json``.
+
+    Returns
+    -------
+    dict
+        The job's metrics (reproduced bit for bit by a re-run on the CPU): ``model``, ``num_labels`` (the
+        labeled images used), ``unlabeled_images``, ``seed``, ``label_seed``, ``classification_weight`` and
+        :func:`evaluate_run`'s accuracies and best epoch.
+    """
+    history, data = train_semisup(cfg, ds, out_dir, log)
+    write_json(Path(out_dir) / "timings.json", {"train_s": sum(r["seconds"] for r in history)})
+    return {"model": cfg.model, "num_labels": len(data.labeled.labels), "unlabeled_images": len(data.splits.train.labels),
+            "seed": cfg.seed, "label_seed": cfg.label_seed, "classification_weight": classification_weight(cfg),
+            **evaluate_run(out_dir, data, cfg.tta, cfg.eval_batch_size)}
+
+
+@job_kind("semisup", SemiSupConfig)
+def run_semisup(cfg: SemiSupConfig, out_dir, log=print) -> dict:
+    """The ``semisup`` job: load Fashion-MNIST on the configured device, train and evaluate one model
+    (:func:`train_and_evaluate`); returns its metrics."""
+    return train_and_evaluate(cfg, job_dataset(DATASET, resolve_device(cfg.device)), out_dir, log)
 
 
 # ------------------------------------------------------------------------------------------ prediction

@@ -1,38 +1,56 @@
-"""The semi-supervised chapter's study: every model at every label count and seed, on the same labeled subsets."""
+"""The semi-supervised chapter's study: every model at every label count and seed, on the same labeled subsets,
+and M2 at the lowest label count for several weights ``alpha`` of its classification term.
+
+Each trained model is a ``semisup`` job (:func:`fmnist_core.chapters.semisupervised.model.run_semisup`) in
+``models/<run name>/``; :func:`run_study` plans them, runs them (finished ones are skipped) and gathers their
+``metrics.json``, ``history.json`` and ``timings.json``.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fmnist_core.core import metrics
-from fmnist_core.core.config import param, require
-from fmnist_core.core.data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, Splits, subset
-from fmnist_core.chapters.semisupervised.model import SemiSupConfig, class_probabilities, load_trained_semisup, semisup_splits, train_semisup
+from fmnist_core.core.config import param, require, require_choice
+from fmnist_core.core.data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, job_dataset, make_splits
+from fmnist_core.core.io import read_json
+from fmnist_core.core.jobs import Job, run_jobs
 from fmnist_core.core.generative import to_unit
+from fmnist_core.core.train import OptimizerConfig, RuntimeConfig, ScheduleConfig, resolve_device
+from fmnist_core.chapters.semisupervised.model import (DATASET, SEMISUP_MODELS, SemiSupBudget, SemiSupConfig,
+                                                       SemiSupParams, accuracy, class_probabilities,
+                                                       load_trained_semisup)
+
+ALPHA_STUDY = [0.1, 1.0, 10.0, 100.0]
 
 
 @dataclass
-class SemiSupStudyConfig(SemiSupConfig):
-    """The study: ``label_counts`` × ``seeds`` × ``models``; each run is a :class:`SemiSupConfig`."""
+class SemiSupStudyConfig(SemiSupBudget, OptimizerConfig, ScheduleConfig, RuntimeConfig, SemiSupParams):
+    """The study: ``models`` × ``label_counts`` × ``seeds`` (each a :class:`SemiSupConfig` job with
+    ``num_labels``, ``label_seed = seed`` and ``seed`` set per job), plus the alpha study of M2."""
 
+    models: list[str] = param(list(SEMISUP_MODELS), "semisup_vae | m2 | encoder_only | cnn")
     label_counts: list[int] = param([100, 1000, 5000, 0], "labeled images per run (0 = all: the ceiling)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
+    alpha_study: list[float] = param(ALPHA_STUDY, "M2 at the lowest label count (first seed) once per alpha, to "
+                                                  "show what the weight of its classification term does; [] = none")
     focus_labels: int = param(5000, "label count of the confusion matrices, the voting study and the latent space")
     tta_copies: list[int] = param([0, 2, 4, 8, 16], "extra augmented copies compared in the voting study")
-    test_images: int = param(0, "evaluate on a class-balanced test subset of this size, the same for every run; "
-                                "0 = all")
     embed_images: int = param(2000, "test images (class-balanced) in the latent-space picture")
     perplexity: float = param(30.0, "t-SNE perplexity of the latent-space picture")
     n_jobs: int = param(2, "threads for t-SNE")
 
     def check(self) -> None:
         super().check()
+        require(len(self.models) > 0, "models", "must name at least one model")
+        require(len(set(self.models)) == len(self.models), "models", "must not name a model twice")
+        for name in self.models:
+            require_choice(name, "models", SEMISUP_MODELS)
         # Each run draws its labels, class-balanced, from the training split: Fashion-MNIST's training images
         # less the validation split, cut to train_images when that is smaller.
-        pool = TRAIN_IMAGES["fashion_mnist"] - self.val_size
+        pool = TRAIN_IMAGES[DATASET] - self.val_size
         pool = self.train_images if 0 < self.train_images < pool else pool
         require(len(self.label_counts) > 0 and all(n == 0 or (10 <= n <= pool and n % 10 == 0)
                                                    for n in self.label_counts), "label_counts",
@@ -41,68 +59,101 @@ class SemiSupStudyConfig(SemiSupConfig):
                 f"got {self.label_counts}")
         require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
                 f"must list at least one seed, none negative, got {self.seeds}")
+        require(all(a >= 0 for a in self.alpha_study) and len(set(self.alpha_study)) == len(self.alpha_study),
+                "alpha_study", f"must list distinct non-negative weights, got {self.alpha_study}")
         require(self.focus_labels in self.label_counts, "focus_labels", "must be one of the label_counts")
         require(all(t >= 0 for t in self.tta_copies), "tta_copies", "must be non-negative")
-        require(self.test_images == 0 or (10 <= self.test_images <= TEST_IMAGES["fashion_mnist"]
-                                          and self.test_images % 10 == 0), "test_images",
-                f"must be 0 (all) or a positive multiple of 10 up to 10,000, got {self.test_images}")
-        require(10 <= self.embed_images <= TEST_IMAGES["fashion_mnist"] and self.embed_images % 10 == 0,
-                "embed_images", f"must be a positive multiple of 10 up to the 10,000 test images, got {self.embed_images}")
+        require(10 <= self.embed_images <= TEST_IMAGES[DATASET] and self.embed_images % 10 == 0, "embed_images",
+                f"must be a positive multiple of 10 up to the 10,000 test images, got {self.embed_images}")
         require(self.perplexity > 0, "perplexity", f"must be positive, got {self.perplexity}")
         require(self.n_jobs >= 1, "n_jobs", f"must be at least 1, got {self.n_jobs}")
 
-    def run_config(self, num_labels: int, seed: int) -> SemiSupConfig:
-        """The configuration of one run of the study."""
-        return self.narrow(SemiSupConfig, {"num_labels": num_labels, "label_seed": seed, "seed": seed})
+    def job_config(self, model: str, num_labels: int, seed: int, *layers: dict) -> SemiSupConfig:
+        """The configuration of one job: this study's parameters, with the job's model, label count and seed
+        (which also seeds the labeled subset), updated by ``layers``."""
+        return self.narrow(SemiSupConfig, {"model": model, "num_labels": num_labels, "label_seed": seed,
+                                           "seed": seed}, *layers, where=f"job {run_name(model, num_labels, seed)}")
+
+    def alpha_labels(self) -> int:
+        """The label count of the alpha study: the lowest one (0 = all only when it is the only one)."""
+        return min((n for n in self.label_counts if n), default=0)
 
 
-def run_name(model: str, num_labels: int, seed: int) -> str:
-    return f"{model}_n{num_labels or 'all'}_s{seed}"
+def run_name(model: str, num_labels: int, seed: int, alpha: float | None = None) -> str:
+    """``<model>_n<labels or all>_s<seed>``, with ``_alpha<alpha>`` for an alpha-study job of another alpha."""
+    return f"{model}_n{num_labels or 'all'}_s{seed}" + (f"_alpha{alpha:g}" if alpha is not None else "")
 
 
-def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((probs.argmax(1) == labels.cpu()).float().mean())
+def _add_job(planned: dict, cfg: SemiSupStudyConfig, run_dir: Path, part: str, model: str, num_labels: int,
+             seed: int, alpha: float | None = None) -> None:
+    """Plan one job into ``planned`` (by label), or mark the already planned one as part of ``part`` too."""
+    other = alpha is not None and alpha != cfg.alpha
+    label = run_name(model, num_labels, seed, alpha if other else None)
+    if label not in planned:
+        jcfg = cfg.job_config(model, num_labels, seed, {"alpha": alpha} if other else {})
+        planned[label] = Job("semisup", jcfg, run_dir / "models" / label, label, {"parts": []})
+    planned[label].info["parts"].append(part)
+
+
+def plan_jobs(cfg: SemiSupStudyConfig, run_dir) -> list[Job]:
+    """Every (label count, seed, model) of the study, then M2 at :meth:`SemiSupStudyConfig.alpha_labels` labels
+    and the first seed for every alpha of ``alpha_study`` (the job of ``alpha`` itself is shared)."""
+    run_dir, planned = Path(run_dir), {}
+    for num_labels in cfg.label_counts:
+        for seed in cfg.seeds:
+            for model in cfg.models:
+                _add_job(planned, cfg, run_dir, "main", model, num_labels, seed)
+    for alpha in cfg.alpha_study:
+        _add_job(planned, cfg, run_dir, "alpha", "m2", cfg.alpha_labels(), cfg.seeds[0], alpha)
+    return list(planned.values())
+
+
+@dataclass
+class StudyResults:
+    """What :func:`run_study` gathers: one row per run of the main study, one per alpha of the alpha study
+    (with the last epoch's training terms), and the wall-clock figures per run (kept apart from metrics)."""
+
+    rows: list = field(default_factory=list)
+    alpha_rows: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def _alpha_row(job: Job, row: dict) -> dict:
+    """An alpha-study row: the run's metrics, its alpha and the mean training terms of its last epoch."""
+    last = read_json(job.out_dir / "history.json")[-1]
+    terms = {k: last[k] for k in ("train_labeled", "train_unlabeled", "train_classification")}
+    return {"alpha": row["classification_weight"], **row, **terms}
+
+
+def run_study(cfg: SemiSupStudyConfig, run_dir, log=print) -> tuple[ImageDataset, Split, StudyResults]:
+    """Plan the jobs, run them (finished ones are skipped) and gather their results.
+
+    Returns
+    -------
+    ds : ImageDataset
+        Fashion-MNIST on the configured device.
+    test : Split
+        The test images every run was evaluated on (:func:`test_split`).
+    results : StudyResults
+    """
+    jobs, results = plan_jobs(cfg, run_dir), StudyResults()
+    for job, job_metrics in zip(jobs, run_jobs(jobs, log)):
+        row = {**job_metrics, "run": job.label}
+        if "main" in job.info["parts"]:
+            results.rows.append(row)
+        if "alpha" in job.info["parts"]:
+            results.alpha_rows.append(_alpha_row(job, row))
+        results.timings[job.label] = read_json(job.out_dir / "timings.json")
+    ds = job_dataset(DATASET, resolve_device(cfg.device))
+    return ds, test_split(cfg, ds), results
 
 
 def test_split(cfg: SemiSupStudyConfig, ds: ImageDataset) -> Split:
-    """The test images every run is evaluated on: all, or the same class-balanced subset."""
-    return subset(Split(ds.test_images, ds.test_labels, ds.mean, ds.std), cfg.test_images, cfg.split_seed,
-                  ds.num_classes)
+    """The test images every run is evaluated on: all, or the same class-balanced subset (``split_seed``)."""
+    return make_splits(ds, cfg.val_size, cfg.split_seed, cfg.test_images)[0].test
 
 
-def evaluate_run(out_dir: Path, splits, labeled, tta: int) -> dict:
-    """Train (labeled subset), validation and test accuracy of a run's best checkpoint, with and without TTA."""
-    model, state = load_trained_semisup(Path(out_dir) / "best.pt", splits.test.images.device)
-
-    def probs(split, copies=0):
-        return class_probabilities(model, state["config"], to_unit(split.images), copies)
-
-    test_probs = probs(splits.test, tta)
-    np.save(Path(out_dir) / "test_probs.npy", test_probs.numpy())
-    return {"train_accuracy": accuracy(probs(labeled), labeled.labels),
-            "val_accuracy": accuracy(probs(splits.val), splits.val.labels),
-            "test_accuracy": accuracy(probs(splits.test), splits.test.labels),
-            "test_accuracy_tta": accuracy(test_probs, splits.test.labels), "best_epoch": int(state["epoch"])}
-
-
-def run_study(cfg: SemiSupStudyConfig, ds: ImageDataset, run_dir, log=print) -> list[dict]:
-    """Train and evaluate every (label count, seed, model); one row per run."""
-    rows = []
-    for num_labels in cfg.label_counts:
-        for seed in cfg.seeds:
-            run_cfg = cfg.run_config(num_labels, seed)
-            labeled = semisup_splits(run_cfg, ds).labeled
-            test = test_split(cfg, ds)
-            for model in cfg.models:
-                out = Path(run_dir) / "models" / run_name(model, num_labels, seed)
-                _, _, splits, _ = train_semisup(run_cfg, model, ds, out, log)
-                splits = Splits(splits.train, splits.val, test)
-                rows.append({"model": model, "num_labels": num_labels or len(splits.train.labels), "seed": seed,
-                             "run": run_name(model, num_labels, seed), **evaluate_run(out, splits, labeled, cfg.tta)})
-    return rows
-
-
-def voting_study(out_dir: Path, test, copies: list[int]) -> list[dict]:
+def voting_study(out_dir, test: Split, copies: list[int]) -> list[dict]:
     """Test accuracy of one run's best checkpoint for each number of extra augmented copies."""
     model, state = load_trained_semisup(Path(out_dir) / "best.pt", test.images.device)
     return [{"copies": n, "test_accuracy": accuracy(class_probabilities(model, state["config"],
@@ -116,7 +167,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                                    ("train_accuracy", "val_accuracy", "test_accuracy", "test_accuracy_tta"))
 
 
-def confusion(out_dir: Path, labels) -> list[list[int]]:
+def confusion(out_dir, labels) -> list[list[int]]:
     """The test confusion matrix (counts) of a run, from its saved test probabilities (with TTA)."""
     probs = np.load(Path(out_dir) / "test_probs.npy")
     return metrics.confusion_matrix(np.asarray(labels.cpu()), probs.argmax(1), probs.shape[1]).tolist()
