@@ -15,7 +15,7 @@ from fmnist_core.core import metrics
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import ImageDataset, Splits, job_dataset, make_splits, save_indices, subset, tta_augment
 from fmnist_core.core.errors import ConfigError
-from fmnist_core.core.io import read_json, write_json
+from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
 from fmnist_core.core.jobs import Job, job_kind, run_jobs
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import build_model, count_parameters, list_models, model_meta, rebuild
@@ -71,6 +71,8 @@ class ClassificationConfig(TrainConfig, EvaluationConfig):
     sgd_model: str = param("mycnn", "model trained a second time with SGD to compare optimisers ('' = none)")
     sgd_lr: float = param(0.01, "SGD learning rate (the CNN-comparison report: 0.01, x0.1 after half the epochs)")
     gallery_size: int = param(16, "most confident mistakes shown")
+    budget_limited: list[str] = param([], "models whose budget in this profile is far too small to converge: "
+                                          "trained and reported apart, with their budget, never ranked")
 
     def check(self) -> None:
         super().check()
@@ -80,6 +82,10 @@ class ClassificationConfig(TrainConfig, EvaluationConfig):
         require(self.sgd_model in self.models or self.sgd_model == "", "sgd_model",
                 f"must be one of the trained models or '', got {self.sgd_model!r}")
         require(self.sgd_lr > 0, "sgd_lr", f"must be positive, got {self.sgd_lr}")
+        ranked = [m for m in self.models if m not in self.budget_limited]
+        require(len(ranked) > 0, "budget_limited", "must leave at least one model to rank")
+        require(self.sgd_model in ranked or self.sgd_model == "", "sgd_model",
+                f"must be a ranked model (not one of budget_limited), got {self.sgd_model!r}")
         for name in self.model_overrides:  # a profile may tune models a user's `models` then leaves out
             require(name in list_models(), "model_overrides", f"names unknown model {name!r}")
             self.model_config(name)  # validates the per-model values
@@ -169,3 +175,19 @@ def run_study(cfg: ClassificationConfig, run_dir, log=print):
                               "history": read_json(job.out_dir / "history.json"),
                               "timing": read_json(job.out_dir / "timings.json")}
     return ds, splits, results
+
+
+REFERENCE_DIR = "reference"  # recorded results of other profiles, committed with the project (see README)
+
+
+def recorded_accuracy(profile: str, model: str, root=None) -> dict | None:
+    """A model's test accuracy as recorded for ``profile`` under ``reference/<profile>/classification/``
+    (with the device and date of that run), or ``None`` when no such record exists."""
+    run = Path(root or PROJECT_ROOT) / REFERENCE_DIR / profile / "classification"
+    if not (run / "metrics.json").exists() or not (run / "env.json").exists():
+        return None
+    models, env = read_json(run / "metrics.json").get("models", {}), read_json(run / "env.json")
+    if model not in models:
+        return None
+    return {"accuracy": models[model]["accuracy"], "device": env.get("device"), "date": env.get("finished_at"),
+            "commit": env.get("git_commit")}
