@@ -14,7 +14,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
 
 from fmnist_core.core.data import CLASS_NAMES
 
@@ -111,6 +110,7 @@ def _prf(tp, n_pred, support) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _auroc(y: np.ndarray, p: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score  # scikit-learn takes seconds to import: only when needed
     per_class = []
     for k in range(p.shape[1]):
         pos = y == k
@@ -213,6 +213,7 @@ def roc_curves(y_true, probs) -> list[tuple[np.ndarray, np.ndarray]]:
     list of (fpr, tpr)
         K pairs of 1-D arrays, as returned by ``sklearn.metrics.roc_curve``.
     """
+    from sklearn.metrics import roc_curve
     y, p = _check_inputs(y_true, probs)
     curves = []
     for k in range(p.shape[1]):
