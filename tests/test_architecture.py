@@ -124,3 +124,10 @@ def test_every_results_folder_a_notebook_reads_is_declared(smoke_book, experimen
     trace = json.loads((smoke_book[0] / experiment / "trace.json").read_text())
     declared = set(EXPERIMENTS[experiment].requires + EXPERIMENTS[experiment].reads)
     assert set(trace["results_read"]) <= declared, f"{experiment} reads undeclared results"
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_every_notebook_cell_has_an_id(experiment):
+    notebook = json.loads((PROJECT_ROOT / "notebooks" / f"{experiment}.ipynb").read_text())
+    assert (notebook["nbformat"], notebook["nbformat_minor"]) >= (4, 5)
+    assert all(cell.get("id") for cell in notebook["cells"])  # nbformat 4.5 requires them
