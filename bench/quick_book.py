@@ -79,11 +79,14 @@ def semisupervised(run: Path) -> dict:
     m = read(run / "metrics.json")
     acc = {(r["model"], r["num_labels"]): r["test_accuracy"] for r in m["study"]}
     counts = sorted({n for _, n in acc})
-    low, everything = counts[0], counts[-1]
+    low = counts[0]
     generative = max(acc.get(("semisup_vae", low), 0), acc.get(("m2", low), 0))
-    return {"accuracy": {f"{k[0]} @ {k[1]}": v for k, v in acc.items()}, "lowest": low,
+    # The CNN with all labels: the fully supervised ceiling's row when the profile runs one, else the largest count.
+    cnn_all = max((v for (model, _), v in acc.items() if model.startswith("cnn, fully supervised")),
+                  default=acc.get(("cnn", counts[-1]), 0))
+    return {"accuracy": {f"{k[0]} @ {k[1]}": v for k, v in acc.items()}, "lowest": low, "cnn_all_labels": cnn_all,
             "targets": {"generative_beats_encoder_at_lowest": generative >= acc.get(("encoder_only", low), 1),
-                        "semisup_cnn_all": acc.get(("cnn", everything), 0) >= TARGETS["semisup_cnn_all"]}}
+                        "semisup_cnn_all": cnn_all >= TARGETS["semisup_cnn_all"]}}
 
 
 def others(run: Path, name: str) -> dict:

@@ -24,6 +24,7 @@ from fmnist_core.chapters.semisupervised.model import (DATASET, SEMISUP_MODELS, 
                                                        load_trained_semisup)
 
 ALPHA_STUDY = [0.1, 1.0, 10.0, 100.0]
+CEILING = "cnn, fully supervised ceiling"  # the model name of the ceiling's rows
 
 
 @dataclass
@@ -37,6 +38,10 @@ class SemiSupStudyConfig(SemiSupBudget, OptimizerConfig, ScheduleConfig, Runtime
     alpha_study: list[float] = param(ALPHA_STUDY, "M2 at the lowest label count (first seed) once per alpha, to "
                                                   "show what the weight of its classification term does; [] = none")
     focus_labels: int = param(5000, "label count of the confusion matrices, the voting study and the latent space")
+    ceiling_epochs: int = param(0, "epochs of a fully supervised ceiling: the CNN on every image of the training "
+                                   "split, all labeled, on its own budget (no image is unlabeled, so the shared "
+                                   "steps of the comparison do not apply); 0 = none")
+    ceiling_images: int = param(0, "images of the ceiling's training split (class-balanced); 0 = all of it")
     tta_copies: list[int] = param([0, 2, 4, 8, 16], "extra augmented copies compared in the voting study")
     embed_images: int = param(2000, "test images (class-balanced) in the latent-space picture")
     perplexity: float = param(30.0, "t-SNE perplexity of the latent-space picture")
@@ -67,6 +72,9 @@ class SemiSupStudyConfig(SemiSupBudget, OptimizerConfig, ScheduleConfig, Runtime
                 f"must be a positive multiple of 10 up to the 10,000 test images, got {self.embed_images}")
         require(self.perplexity > 0, "perplexity", f"must be positive, got {self.perplexity}")
         require(self.n_jobs >= 1, "n_jobs", f"must be at least 1, got {self.n_jobs}")
+        require(self.ceiling_epochs >= 0, "ceiling_epochs", f"must be 0 (none) or positive, got {self.ceiling_epochs}")
+        require(self.ceiling_images >= 0 and self.ceiling_images % 10 == 0, "ceiling_images",
+                f"must be 0 (all) or a multiple of 10, got {self.ceiling_images}")
 
     def job_config(self, model: str, num_labels: int, seed: int, *layers: dict) -> SemiSupConfig:
         """The configuration of one job: this study's parameters, with the job's model, label count and seed
@@ -105,6 +113,11 @@ def plan_jobs(cfg: SemiSupStudyConfig, run_dir) -> list[Job]:
                 _add_job(planned, cfg, run_dir, "main", model, num_labels, seed)
     for alpha in cfg.alpha_study:
         _add_job(planned, cfg, run_dir, "alpha", "m2", cfg.alpha_labels(), cfg.seeds[0], alpha)
+    if cfg.ceiling_epochs:
+        label = f"cnn_ceiling_s{cfg.seeds[0]}"
+        jcfg = cfg.job_config("cnn", 0, cfg.seeds[0], {"train_images": cfg.ceiling_images,
+                                                       "epochs": cfg.ceiling_epochs})
+        planned[label] = Job("semisup", jcfg, run_dir / "models" / label, label, {"parts": ["ceiling"]})
     return list(planned.values())
 
 
@@ -143,6 +156,8 @@ def run_study(cfg: SemiSupStudyConfig, run_dir, log=print) -> tuple[ImageDataset
             results.rows.append(row)
         if "alpha" in job.info["parts"]:
             results.alpha_rows.append(_alpha_row(job, row))
+        if "ceiling" in job.info["parts"]:
+            results.rows.append({**row, "model": CEILING})
         results.timings[job.label] = read_json(job.out_dir / "timings.json")
     ds = job_dataset(DATASET, resolve_device(cfg.device))
     return ds, test_split(cfg, ds), results
