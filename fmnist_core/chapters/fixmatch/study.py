@@ -24,7 +24,8 @@ class FixMatchStudyConfig(FixMatchTraining):
 
     label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
-    ceiling_labels: int = param(60000, "labels of the fully supervised ceiling (0 = no ceiling run)")
+    ceiling_labels: int = param(60000, "labels of the fully supervised ceiling (0 = no ceiling run); it takes "
+                                       "(1 + mu) B labeled images a step, as many as a FixMatch step sees")
 
     def check(self) -> None:
         super().check()
@@ -38,10 +39,14 @@ class FixMatchStudyConfig(FixMatchTraining):
                 f"must be 0 (none) or a multiple of 10 up to {available:,} ({self.dataset}'s training images), "
                 f"got {self.ceiling_labels}")
 
-    def job_config(self, num_labels: int, seed: int, supervised_only: bool) -> FixMatchConfig:
-        """The configuration of one job of the study."""
+    def job_config(self, num_labels: int, seed: int, supervised_only: bool, *layers: dict) -> FixMatchConfig:
+        """The configuration of one job of the study, updated by ``layers``."""
         return self.narrow(FixMatchConfig, {"num_labels": num_labels, "label_seed": seed, "seed": seed,
-                                            "supervised_only": supervised_only})
+                                            "supervised_only": supervised_only}, *layers)
+
+    def ceiling_layer(self) -> dict:
+        """The ceiling sees as many images per step as a FixMatch step, (1 + mu) B, all of them labeled."""
+        return {"batch_size": (1 + self.mu) * self.batch_size}
 
 
 def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
@@ -63,8 +68,9 @@ def plan_jobs(cfg: FixMatchStudyConfig, run_dir) -> list[Job]:
     jobs = []
     for method, n, seed, supervised_only in planned_runs(cfg):
         name = run_dir_name(method, n, seed)
-        jobs.append(Job("fixmatch", cfg.job_config(n, seed, supervised_only), Path(run_dir) / "runs" / name, name,
-                        {"method": method, "num_labels": n, "seed": seed}))
+        layers = [cfg.ceiling_layer()] if method == "fully supervised" else []
+        jobs.append(Job("fixmatch", cfg.job_config(n, seed, supervised_only, *layers), Path(run_dir) / "runs" / name,
+                        name, {"method": method, "num_labels": n, "seed": seed}))
     return jobs
 
 
