@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,7 @@ class Checkpointer:
 
     def __init__(self, out_dir: Path, config: dict):
         self.out_dir, self.config = Path(out_dir), config
+        self.saved: dict[str, int] = {}  # file name -> step of the weights this process saved there
 
     @property
     def last_path(self) -> Path:
@@ -188,6 +190,14 @@ class Checkpointer:
         """``best.pt`` or ``final.pt``: weights, configuration, and the record of the step they are from."""
         save_checkpoint(self.out_dir / name, {"config": self.config, "model": model_state, "step": step,
                                               "epoch": epoch, "record": record})
+        self.saved[name] = step
+
+    def link(self, source: str, name: str) -> None:
+        """``name`` as a second name of ``source`` (the same weights: no second copy on disk)."""
+        tmp = self.out_dir / f".{name}.link.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(self.out_dir / source, tmp)
+        os.replace(tmp, self.out_dir / name)
 
     def finish(self) -> None:
         """Drop the resume state (optimiser moments, RNG states): a finished job keeps only what readers use."""
@@ -346,7 +356,10 @@ def _finish(ckpt: Checkpointer, algo: Algorithm, plan: Plan, records: list[dict]
     final = records[-1] if records else {}
     if plan.selection is None:
         ckpt.save_weights("best.pt", algo.evaluated_model().state_dict(), plan.steps, plan.epoch(plan.steps), final)
-    ckpt.save_weights("final.pt", algo.model.state_dict(), plan.steps, plan.epoch(plan.steps), final)
+    if ckpt.saved.get("best.pt") == plan.steps and algo.evaluated_model() is algo.model:
+        ckpt.link("best.pt", "final.pt")  # the last step was selected: the final weights are the same
+    else:
+        ckpt.save_weights("final.pt", algo.model.state_dict(), plan.steps, plan.epoch(plan.steps), final)
     ckpt.finish()
 
 
