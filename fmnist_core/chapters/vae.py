@@ -11,9 +11,7 @@ ELBO is then no bound on −log p(x) (see :func:`evaluate_elbo`).
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from torch import nn
 
 from fmnist_core.core import loop
 from fmnist_core.core.config import Config, param, require, require_choice
-from fmnist_core.core.data import (DATA_DIR_ENV, ImageDataset, Splits, batch_indices, job_dataset, make_generator,
+from fmnist_core.core.data import (ImageDataset, Splits, batch_indices, job_dataset, make_generator,
                                    make_splits, subset)
 from fmnist_core.core.errors import ConfigError, DataError
 from fmnist_core.core.generative import (RECON_LOSSES, gaussian_constant, kl_divergence, reconstruction_loss,
@@ -542,16 +540,12 @@ def load_trained_vae(path, device="cpu") -> tuple[VAE, dict]:
 # -------------------------------------------------------------------------------------- jobs and study
 def vae_dataset(name: str, device) -> ImageDataset:
     """The dataset a VAE job trains on, from ``$FMNIST_DATA_DIR`` (or the usual places), on ``device``;
-    loaded once per process (LFW with scikit-learn's fetcher, the others with
-    :func:`fmnist_core.core.data.job_dataset`)."""
+    loaded once per process by :func:`fmnist_core.core.data.job_dataset` (LFW with scikit-learn's fetcher)."""
     device = resolve_device(device) if isinstance(device, str) else device
-    if name == "lfw":
-        return _cached_lfw(os.environ.get(DATA_DIR_ENV) or None, str(device))
-    return job_dataset(name, device)
+    return job_dataset(name, device, _load_lfw if name == "lfw" else None)
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_lfw(data_dir, device: str) -> ImageDataset:
+def _load_lfw(name: str, data_dir, device) -> ImageDataset:
     from fmnist_core.core.lfw import load_lfw  # scikit-learn's fetcher, needed for LFW only
     return load_lfw(data_dir, device=device)
 

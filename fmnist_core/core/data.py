@@ -225,18 +225,20 @@ def load_dataset(name: str, data_dir=None, device="cpu") -> ImageDataset:
     return loaders[name](data_dir, device=device)
 
 
-def job_dataset(name: str, device) -> ImageDataset:
+def job_dataset(name: str, device, loader=None) -> ImageDataset:
     """The dataset a job trains on: from ``$FMNIST_DATA_DIR`` (or the usual places), on ``device``.
 
     Loaded once per process and shared by the jobs that run in it (their tensors are only ever read), so a
-    study of many jobs in one notebook kernel pays for loading and verifying the files once.
+    study of many jobs in one notebook kernel pays for loading and verifying the files once. ``loader``
+    (``loader(name, data_dir, device)``, a module-level function) loads datasets :func:`load_dataset` does not
+    know, e.g. LFW for the VAE chapter.
     """
-    return _cached_dataset(name, os.environ.get("FMNIST_DATA_DIR") or None, str(device))
+    return _cached_dataset(name, os.environ.get(DATA_DIR_ENV) or None, str(device), loader or load_dataset)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_dataset(name: str, data_dir, device: str) -> ImageDataset:
-    return load_dataset(name, data_dir, device)
+def _cached_dataset(name: str, data_dir, device: str, loader) -> ImageDataset:
+    return loader(name, data_dir, device)
 
 
 # ---------------------------------------------------------------------------------------------- splits
