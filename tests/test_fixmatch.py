@@ -270,7 +270,7 @@ def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
     algo.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     loss, stats = algo.train_step(0, torch.Generator().manual_seed(0))
     assert sizes == [8 + 2 * 16] and loss.requires_grad and loss.dim() == 0
-    assert set(stats) == {"loss_x", "loss_u", "masked", "masked_correct"}
+    assert set(stats) == {"loss_x", "loss_u", "correct", "masked", "masked_correct"}
     assert all(s.dim() == 0 and not s.requires_grad for s in stats.values())  # summed by the loop, read once
 
 
@@ -331,7 +331,7 @@ def test_training_writes_history_checkpoints_and_leaves_labels_alone(tmp_path):
     assert torch.equal(ds.train_labels, labels)
     assert [r["step"] for r in history] == [3, 6]
     assert list(history[0]) == ["step", "lr", "loss", "loss_x", "loss_u", "mask_ratio", "pseudo_label_accuracy",
-                                "ema_test_loss", "ema_test_accuracy", "seconds"]
+                                "confident_accuracy", "ema_test_loss", "ema_test_accuracy", "seconds"]
     # The record's lr is that of its last step (k = 2 of K = 6) on FixMatch's schedule.
     assert history[0]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * 2 / (16 * 6)))
     assert history[-1]["ema_test_accuracy"] is not None
@@ -438,3 +438,15 @@ def test_a_job_rerun_alone_in_a_fresh_process_gives_byte_identical_metrics(tmp_p
                            text=True, env=env)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert (alone / "metrics.json").read_bytes() == (job.out_dir / "metrics.json").read_bytes()
+
+
+def test_the_ceiling_takes_a_fixmatch_steps_images_for_its_own_steps(tmp_path):
+    from fmnist_core.chapters.fixmatch.study import FixMatchStudyConfig, plan_jobs
+    base = {"device": "cpu", "steps": 40, "batch_size": 4, "mu": 3, "label_counts": [40], "seeds": [0]}
+    jobs = {j.info["method"]: j.config for j in plan_jobs(FixMatchStudyConfig.from_overrides(base), tmp_path)}
+    assert (jobs["fully supervised"].steps, jobs["fully supervised"].batch_size) == (40, 16)  # 0: the same steps
+    assert (jobs["fixmatch"].steps, jobs["fixmatch"].batch_size) == (40, 4)
+    own = plan_jobs(FixMatchStudyConfig.from_overrides(base, {"ceiling_steps": 120}), tmp_path)
+    assert [j.config.steps for j in own] == [40, 40, 120]
+    with pytest.raises(ConfigError, match="ceiling_steps"):
+        FixMatchStudyConfig.from_overrides(base, {"ceiling_steps": -1})

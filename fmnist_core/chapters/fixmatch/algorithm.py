@@ -315,8 +315,8 @@ class FixMatch(Algorithm):
 
     def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The loss of ``batch`` (one forward pass over all its images) and its statistics: ``loss_x``,
-        ``loss_u``, ``masked`` (confident unlabeled images) and ``masked_correct`` (those whose pseudo-label
-        is right), 0-dim tensors on the device."""
+        ``loss_u``, ``correct`` (unlabeled images whose pseudo-label is right), ``masked`` (confident unlabeled
+        images) and ``masked_correct`` (confident and right), 0-dim tensors on the device."""
         parts = [batch.labeled] if batch.weak is None else [batch.labeled, batch.weak, batch.strong]
         device = batch.labeled.device
         self.runnable.train()
@@ -325,25 +325,29 @@ class FixMatch(Algorithm):
         if batch.weak is None:
             loss = F.cross_entropy(logits, batch.labels)
             zero = torch.zeros((), device=device)
-            return loss, {"loss_x": loss.detach(), "loss_u": zero, "masked": zero, "masked_correct": zero}
+            return loss, {"loss_x": loss.detach(), "loss_u": zero, "correct": zero, "masked": zero,
+                          "masked_correct": zero}
         logits_x, logits_weak, logits_strong = logits.split([len(p) for p in parts])
         out = fixmatch_loss(logits_x, batch.labels, logits_weak, logits_strong, self.threshold, self.lambda_u)
-        correct = (out["pseudo_labels"] == batch.true_labels).float() * out["mask"]
+        correct = (out["pseudo_labels"] == batch.true_labels).float()
         return out["loss"], {"loss_x": out["loss_x"].detach(), "loss_u": out["loss_u"].detach(),
-                             "masked": out["mask"].sum(), "masked_correct": correct.sum()}
+                             "correct": correct.sum(), "masked": out["mask"].sum(),
+                             "masked_correct": (correct * out["mask"]).sum()}
 
     def after_step(self, step):
         """One EMA update towards the weights just stepped."""
         self.ema.update(self.model)
 
     def summarize(self, sums, steps):
-        """Means per step; ``mask_ratio`` over the unlabeled images (``None`` for the baseline) and
-        ``pseudo_label_accuracy`` among the confident ones (``None`` when none passed the threshold).
+        """Means per step; ``mask_ratio`` over the unlabeled images, ``pseudo_label_accuracy`` of all their
+        pseudo-labels (the weak view's argmax against the true label) and ``confident_accuracy`` among the
+        confident ones only (``None`` for the baseline, and the last when none passed the threshold).
         The EMA fields are ``None`` except at evaluation steps, where :meth:`evaluate` fills them."""
         masked = sums["masked"]
         return {"loss": sums["loss"] / steps, "loss_x": sums["loss_x"] / steps, "loss_u": sums["loss_u"] / steps,
                 "mask_ratio": masked / (steps * self.unlabeled) if self.unlabeled else None,
-                "pseudo_label_accuracy": sums["masked_correct"] / masked if masked else None,
+                "pseudo_label_accuracy": sums["correct"] / (steps * self.unlabeled) if self.unlabeled else None,
+                "confident_accuracy": sums["masked_correct"] / masked if masked else None,
                 "ema_test_loss": None, "ema_test_accuracy": None}
 
     def evaluate(self):
@@ -415,7 +419,8 @@ def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
         The final EMA model (eval mode): the reported model.
     history : list of dict
         Every ``log_every`` steps (and at evaluation steps and the end): step, lr (of the record's last
-        step), loss, loss_x, loss_u, mask_ratio, pseudo_label_accuracy (among masked images), ema_test_loss
+        step), loss, loss_x, loss_u, mask_ratio, pseudo_label_accuracy (all unlabeled images), confident_accuracy
+        (among the confident ones), ema_test_loss
         and ema_test_accuracy (``None`` except every ``eval_every`` steps and at the end), seconds.
     """
     out_dir, device = Path(out_dir), resolve_device(cfg.device)
