@@ -14,12 +14,13 @@ from pathlib import Path
 import yaml
 
 from fmnist_core.pipeline.experiments import EXPERIMENTS
-from fmnist_core.core.io import PROJECT_ROOT, read_json, write_bytes_atomic
+from fmnist_core.core.io import read_json, write_bytes_atomic
+from fmnist_core.core.resources import project_file
 from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 
-BOOK_DIR = PROJECT_ROOT / "book"
-CONFIG_PATH = PROJECT_ROOT / "_config.yml"
-TOC_PATH = PROJECT_ROOT / "_toc.yml"
+BOOK_DIR = project_file("book")
+CONFIG_PATH = project_file("_config.yml")
+TOC_PATH = project_file("_toc.yml")
 
 
 def chapter_pages() -> list[str]:
