@@ -40,6 +40,8 @@ class BuildPyWithProjectFiles(build_py):
             elif source.is_file():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target / name)
+            elif name not in resources.OPTIONAL_PROJECT_FILES:
+                raise FileNotFoundError(f"{source}: a project file the package needs is missing")
 
 
 setup(cmdclass={"build_py": BuildPyWithProjectFiles})

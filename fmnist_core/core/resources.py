@@ -19,6 +19,7 @@ DATA_FOLDER = "_data"  # inside the installed package
 # The project files a wheel carries (paths relative to the repository root; folders are taken whole).
 PROJECT_FILES = ("profiles.yml", "references.yml", "_config.yml", "_toc.yml", "notebooks", "book", "bench/results",
                  "reference")
+OPTIONAL_PROJECT_FILES = ("reference",)  # recorded results of other profiles, where some were recorded
 _CHECKOUT = Path(__file__).resolve().parents[2]  # the repository root when this file is in a checkout
 
 
