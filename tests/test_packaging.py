@@ -28,7 +28,8 @@ def root_copy(tmp_path) -> Path:
     for name in ("_config.yml", "_toc.yml", "README.md"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, root / name)
-    for trap in (root / ".venv" / "lib" / "trap.md", root / "results" / "trap.ipynb", root / "notebooks" / "trap.ipynb"):
+    for folder in (".venv/lib", "results", "notebooks"):
+        trap = root / folder / "must_not_be_read.ipynb"
         trap.parent.mkdir(parents=True)
         trap.write_text("{ not a notebook")
     return root
@@ -71,8 +72,8 @@ def test_jupyter_book_at_the_root_builds_the_last_built_book(tmp_path, smoke_boo
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     html = root / "_build" / "html"
     assert sorted(p.stem for p in html.glob("*.html")) == sorted(p.stem for p in smoke_book[1].glob("*.html"))
-    assert "trap" not in completed.stdout + completed.stderr
-    assert not list(html.rglob("*trap*"))
+    assert "must_not_be_read" not in completed.stdout + completed.stderr
+    assert not list(html.rglob("*must_not_be_read*"))
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ The conversion of each image, whatever its size (images of different sizes are a
 own), for a model of ``C`` channels and ``S`` × ``S`` pixels (Fashion-MNIST: 1 and 28):
 
 1. decoded with Pillow (only the PNG, JPEG and WebP decoders; the first frame of an animation), turned upright
-   as its EXIF orientation says, transparent parts laid on white;
+   as its EXIF orientation says, transparent parts laid on white (Fashion-MNIST was made from product photos on
+   a light background, whose levels were then inverted);
 2. grey levels 0..255 (Pillow's ITU-R 601-2 luma; 16-bit images scaled down), or RGB for a 3-channel model;
 3. padded to a square with its background level (the median of its outermost pixels), the image centred —
    the aspect ratio is kept;
