@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fmnist_core.core.errors import DataError
-from fmnist_core.core.io import PROJECT_ROOT
+from fmnist_core.core.resources import work_root
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -34,7 +34,7 @@ FASHION_MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_CACHE_DIR = PROJECT_ROOT / "data"
+DEFAULT_CACHE_DIR = work_root() / "data"  # the checkout's data/, or ./data for an installed package
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 
 # Per-channel statistics of the Fashion-MNIST training images, used to standardise network inputs.

@@ -14,12 +14,14 @@ from pathlib import Path
 import yaml
 
 from fmnist_core.pipeline.experiments import EXPERIMENTS
-from fmnist_core.core.io import PROJECT_ROOT, read_json, write_bytes_atomic
+from fmnist_core.core.io import read_json, write_bytes_atomic
+from fmnist_core.core.resources import project_file
+from fmnist_core.pipeline.rootbook import record_last_book
 from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 
-BOOK_DIR = PROJECT_ROOT / "book"
-CONFIG_PATH = PROJECT_ROOT / "_config.yml"
-TOC_PATH = PROJECT_ROOT / "_toc.yml"
+BOOK_DIR = project_file("book")
+CONFIG_PATH = project_file("_config.yml")
+TOC_PATH = project_file("_toc.yml")
 
 
 def chapter_pages() -> list[str]:
@@ -118,4 +120,5 @@ def build(profile: str, results_dir: Path, output_dir: Path) -> Path:
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"jupyter-book failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    record_last_book(output_dir, profile, source)  # what `jupyter-book build .` at the root builds
     return output_dir / "_build" / "html" / "index.html"

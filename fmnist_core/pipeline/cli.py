@@ -18,14 +18,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None, help="directory holding the Fashion-MNIST IDX files")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="execute one experiment's notebook with papermill")
+    catalogue = {"epilog": experiments_and_profiles(), "formatter_class": argparse.RawDescriptionHelpFormatter}
+    run = sub.add_parser("run", help="execute one experiment's notebook with papermill", **catalogue)
     run.add_argument("experiment")
     run.add_argument("--profile", default=DEFAULT_PROFILE)
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override a parameter (VALUE is read as YAML: 3, 0.1, true, [a, b])")
     run.add_argument("--force", action="store_true", help="run even if an identical finished run exists")
 
-    build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book")
+    build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book", **catalogue)
     build.add_argument("--profile", default=DEFAULT_PROFILE)
     build.add_argument("--force", action="store_true")
     build.add_argument("--output-dir", type=Path, default=None, help="default: _build/<profile>")
@@ -47,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def experiments_and_profiles() -> str:
+    """The experiments and profiles, for ``run --help`` and ``build --help`` (``list`` gives their parameters)."""
+    from fmnist_core.pipeline.experiments import EXPERIMENTS
+    from fmnist_core.pipeline.runner import load_profiles
+    lines = ["experiments:"] + [f"  {name:<16}{exp.title}" for name, exp in EXPERIMENTS.items()] + ["profiles:"]
+    try:
+        lines += [f"  {name:<16}{profile.get('description', '')}" for name, profile in load_profiles().items()]
+    except FmnistBookError as err:
+        lines.append(f"  (none readable: {err})")
+    return "\n".join(lines + ["`fmnist-book list` shows every parameter with its default."])
+
+
 def cmd_run(args) -> int:
     from fmnist_core.pipeline.runner import run_experiment
     overrides = {}
@@ -63,11 +76,11 @@ def cmd_run(args) -> int:
 
 def cmd_build(args) -> int:
     from fmnist_core.pipeline import book
-    from fmnist_core.core.io import PROJECT_ROOT
+    from fmnist_core.core.resources import work_root
     from fmnist_core.pipeline.runner import get_profile, run_profile
     get_profile(args.profile)
     results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)
-    output = (args.output_dir or PROJECT_ROOT / "_build" / args.profile).resolve()
+    output = (args.output_dir or work_root() / "_build" / args.profile).resolve()
     index = book.build(args.profile, Path(args.results_dir).resolve(), output)
     failed = [r.experiment for r in results if r.status == "failed"]
     print(f"book ({args.profile}): {index}")

@@ -25,12 +25,13 @@ import yaml
 from fmnist_core.core.config import load_yaml, unknown_name_message
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
-from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
+from fmnist_core.core.io import read_json, write_json
 from fmnist_core.core.jobs import DONE_FILE, imported_modules, source_hashes
+from fmnist_core.core.resources import in_checkout, project_file, work_root
 
-NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-PROFILES_PATH = PROJECT_ROOT / "profiles.yml"
-DEFAULT_RESULTS = PROJECT_ROOT / "results"
+NOTEBOOK_DIR = project_file("notebooks")
+PROFILES_PATH = project_file("profiles.yml")
+DEFAULT_RESULTS = work_root() / "results"  # the checkout's results/, or ./results for an installed package
 
 
 # ------------------------------------------------------------------------------------------- profiles
@@ -319,11 +320,13 @@ def run_device(params: dict):
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it (``None`` when installed)."""
+    if not in_checkout():
+        return None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work_root(), capture_output=True, text=True,
                                 timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=work_root(),
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
