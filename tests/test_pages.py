@@ -70,7 +70,7 @@ def test_thumbnails_are_pngs_of_grey_and_rgb_images():
 def test_the_glance_table_without_runs_says_how_to_run_and_labels_what_it_quotes(tmp_path):
     page = render_glance("smoke", tmp_path / "results", root=tmp_path)
     assert "fmnist-book run fixmatch --profile smoke" in page
-    assert "Published reference (literature)" in page and "source report's own figures" in page
+    assert "Published reference (literature)" in page and "its own figures, as printed: source report" in page
     assert "13.81 ± 3.37 % error" in page and "Sohn et al. 2020 (literature): Kihyuk Sohn" in page
     assert "94.9 %" in page and "the MLP / ResNet report" in page
     assert RECORDED_LABEL.capitalize() not in page and "No results of the `standard` profile are recorded" in page

@@ -77,6 +77,10 @@ def _images(n: int) -> str:
     return "all training images" if not n else f"{n:,} training images"
 
 
+def _labels(n: int) -> str:
+    return "all labels" if not n else f"{n:,} labels"
+
+
 # ----------------------------------------------------------------------------------------------- headlines
 
 def _dataset(metrics: dict, params: dict) -> list[str]:
@@ -114,11 +118,11 @@ def _vae(metrics: dict, params: dict) -> list[str]:
 def _semisupervised(metrics: dict, params: dict) -> list[str]:
     focus = params["focus_labels"]
     rows = [r for r in metrics["study"] if r["num_labels"] == focus] or metrics["study"]
-    return [f"{r['model']} @ {r['num_labels'] or 'all'} labels: {_pct(r['test_accuracy'])}" for r in rows]
+    return [f"{r['model']} @ {_labels(r['num_labels'])}: {_pct(r['test_accuracy'])}" for r in rows]
 
 
 def _fixmatch(metrics: dict, params: dict) -> list[str]:
-    return [f"{r['model']} @ {r['num_labels']:,} labels: {_pct(r['test_accuracy'])}"
+    return [f"{r['model']} @ {_labels(r['num_labels'])}: {_pct(r['test_accuracy'])}"
             + (f" ± {_pct(r['test_accuracy_std'])}" if r.get("seeds", 1) > 1 else "") for r in metrics["study"]]
 
 
@@ -256,7 +260,8 @@ def render_glance(profile: str, results_dir, root=None, references=None) -> str:
     rows = glance_rows(profile, results_dir, root, references)
     recorded = any(row.recorded for row in rows)
     header = ["Chapter", f"This build (`{profile}` profile)"] + ([f"{RECORDED_LABEL.capitalize()}"] if recorded else [])
-    header += [f"Source report ({SOURCE_LABEL}'s own figures)", f"Published reference ({LITERATURE_LABEL})", "Budget"]
+    header += [f"Source report (its own figures, as printed: {SOURCE_LABEL})",
+               f"Published reference ({LITERATURE_LABEL})", "Budget of this build"]
     out = ["```{list-table}", ":header-rows: 1", ":class: fmnist-glance", ""]
     out += _list_table_row([[h] for h in header])
     for row in rows:
