@@ -163,3 +163,4 @@ def test_pages_show_no_parameters_or_import_cells(smoke_book):
         assert "Parameters (the runner injects" not in text and "run_dir = " not in text, experiment
         assert "from fmnist_core" not in text and not re.search(r"^\s*import \w", text, re.MULTILINE), experiment
         assert "Show code cell content" not in text, experiment
+        assert "PosixPath(" not in text, experiment  # a figure call's return value is not printed
