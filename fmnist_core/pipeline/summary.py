@@ -212,8 +212,9 @@ def _quoted_lines(figures: list, refs) -> list[str]:
     return [f"{f.text}: {f.description} ({_origin(f, refs)})" for f in figures]
 
 
-def _cell(lines, empty: str = "—") -> list[str]:
-    return [" ".join(str(line).split()).replace("|", "\\|") for line in lines] if lines else [empty]
+def _cell(lines, empty: str = "—", markdown: bool = True) -> list[str]:
+    lines = [" ".join(str(line).split()) for line in lines] if lines else [empty]
+    return [line.replace("|", "\\|") for line in lines] if markdown else lines
 
 
 def _list_table_row(cells: list[list[str]]) -> list[str]:
@@ -292,7 +293,7 @@ def format_glance(profile: str, results_dir, root=None, references=None) -> str:
     out = [f"Results at a glance: profile {profile} (this build) beside the source reports and the literature", ""]
 
     def block(label: str, lines) -> None:
-        for i, line in enumerate(_cell(lines)):
+        for i, line in enumerate(_cell(lines, markdown=False)):
             out.append(f"  {(label + ':') if i == 0 else '':<{width}}{line}")
 
     for row in rows:
