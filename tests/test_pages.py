@@ -130,7 +130,7 @@ def test_the_glance_page_shows_this_builds_numbers_beside_the_labelled_literatur
         assert number in text, number
     assert "Published reference (literature)" in text and "13.81 ± 3.37 % error" in text
     assert "Sohn et al. 2020 (literature): Kihyuk Sohn" in text and "the FixMatch report" in text
-    assert "not run for this profile" not in text
+    assert "no finished run" not in text
     assert (html / "_static" / "fmnist-book.css").exists() and "fmnist-book.css" in page
 
 

@@ -77,6 +77,13 @@ def _images(n: int) -> str:
     return "all training images" if not n else f"{n:,} training images"
 
 
+def _spread(row: dict) -> str:
+    """`` ± std (k seeds)`` for a row averaged over several seeds."""
+    if row.get("seeds", 1) <= 1:
+        return ""
+    return f" ± {100 * row['test_accuracy_std']:.1f} ({row['seeds']} seeds)"
+
+
 def _labels(n: int) -> str:
     return "all labels" if not n else f"{n:,} labels"
 
@@ -118,12 +125,12 @@ def _vae(metrics: dict, params: dict) -> list[str]:
 def _semisupervised(metrics: dict, params: dict) -> list[str]:
     focus = params["focus_labels"]
     rows = [r for r in metrics["study"] if r["num_labels"] == focus] or metrics["study"]
-    return [f"{r['model']} @ {_labels(r['num_labels'])}: {_pct(r['test_accuracy'])}" for r in rows]
+    return [f"{r['model']} @ {_labels(r['num_labels'])}: {_pct(r['test_accuracy'])}{_spread(r)}" for r in rows]
 
 
 def _fixmatch(metrics: dict, params: dict) -> list[str]:
-    return [f"{r['model']} @ {_labels(r['num_labels'])}: {_pct(r['test_accuracy'])}"
-            + (f" ± {_pct(r['test_accuracy_std'])}" if r.get("seeds", 1) > 1 else "") for r in metrics["study"]]
+    return [f"{r['model']} @ {_labels(r['num_labels'])}: {_pct(r['test_accuracy'])}{_spread(r)}"
+            for r in metrics["study"]]
 
 
 HEADLINES = {"dataset": _dataset, "classification": _classification, "layerwise": _layerwise, "vae": _vae,
@@ -267,7 +274,7 @@ def render_glance(profile: str, results_dir, root=None, references=None) -> str:
     out += _list_table_row([[h] for h in header])
     for row in rows:
         cells = [[f"{{doc}}`{row.title} <{row.experiment}>`"],
-                 _cell(row.this_build, f"not run for this profile: `fmnist-book run {row.experiment} --profile {profile}`")]
+                 _cell(row.this_build, f"no finished run for this profile: `fmnist-book run {row.experiment} --profile {profile}`")]
         if recorded:
             cells.append(_cell(row.recorded, "not recorded"))
         cells += [_cell(_quoted_lines(row.source, refs)), _cell(_quoted_lines(row.literature, refs)),
@@ -298,8 +305,8 @@ def format_glance(profile: str, results_dir, root=None, references=None) -> str:
 
     for row in rows:
         out.append(f"{row.experiment}: {row.title}")
-        block("this build", row.this_build or [f"not run for this profile (fmnist-book run {row.experiment} "
-                                               f"--profile {profile})"])
+        block("this build", row.this_build or [f"no finished run for this profile (fmnist-book run "
+                                               f"{row.experiment} --profile {profile})"])
         if recorded:
             block(RECORDED_LABEL, row.recorded or ["not recorded"])
         block(SOURCE_LABEL, _quoted_lines(row.source, refs))
