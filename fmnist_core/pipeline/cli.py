@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     results = sub.add_parser("results", help="print the key metrics of every finished run")
     results.add_argument("--profile", default=DEFAULT_PROFILE)
+    results.add_argument("--summary", action="store_true", help="per chapter: headline figures beside the source "
+                         "report's and the literature's, and the budget (the book's 'Results at a glance')")
 
     status = sub.add_parser("status", help="say which experiments of a profile are up to date, and why not")
     status.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -91,7 +93,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from fmnist_core.pipeline.runner import results_table
+    from fmnist_core.pipeline.runner import get_profile, results_table
+    if args.summary:
+        from fmnist_core.pipeline.summary import format_glance
+        get_profile(args.profile)
+        print(format_glance(args.profile, Path(args.results_dir)), end="")
+        return 0
     print(results_table(args.profile, Path(args.results_dir)))
     return 0
 
