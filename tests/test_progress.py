@@ -106,7 +106,7 @@ def test_a_builds_output_shows_each_job_with_its_step_and_the_time_left(smoke_bo
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_what_was_kept_and_how_to_resume(tmp_path):
     argv = ["--results-dir", str(tmp_path / "results"), "run", "classification", "--profile", "smoke",
-            "-p", "models", "[lenet_avg]", "-p", "sgd_model", "", "-p", "epochs", "6", "-p", "train_images", "2000"]
+            "-p", "models", "[lenet_avg]", "-p", "sgd_model", "''", "-p", "epochs", "6", "-p", "train_images", "2000"]
     partial = tmp_path / "results" / "smoke" / "classification.partial"
     command = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})

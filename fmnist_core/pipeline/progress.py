@@ -15,10 +15,13 @@ Work outside jobs (the dataset chapter, t-SNE maps, figures) has no job folder: 
 """
 from __future__ import annotations
 
+import logging
 import shlex
+import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +254,28 @@ def show_progress(run_dir, title: str, stream=None, interval: float = 1.0, every
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
+@contextmanager
+def quiet_after_interrupt():
+    """Ctrl-C in the ``with`` block raises ``KeyboardInterrupt`` as usual, and from then on this process logs
+    nothing: the execution it stops leaves tasks waiting on the kernel, whose errors (``Task exception was
+    never retrieved ... DeadKernelError``) would print tracebacks that say nothing to the user.
+    Before Ctrl-C everything is logged as usual."""
+    def on_interrupt(signum, frame):
+        logging.disable(logging.CRITICAL)
+        warnings.simplefilter("ignore")  # e.g. coroutines of the stopped execution never awaited
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    except ValueError:  # not the main thread: Ctrl-C cannot reach this code anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during an experiment's notebook: names the run folder that was kept to be resumed."""
 

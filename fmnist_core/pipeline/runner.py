@@ -24,7 +24,7 @@ import yaml
 from fmnist_core.core.config import load_yaml, unknown_name_message
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
-from fmnist_core.pipeline.progress import RunInterrupted, show_progress
+from fmnist_core.pipeline.progress import RunInterrupted, quiet_after_interrupt, show_progress
 from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
 from fmnist_core.core.jobs import DONE_FILE, imported_modules, source_hashes
 
@@ -189,7 +189,7 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
     try:
-        with show_progress(partial, f"{experiment} [{profile}]"):
+        with show_progress(partial, f"{experiment} [{profile}]"), quiet_after_interrupt():
             execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
         if not (partial / "metrics.json").exists():
             raise RunError(f"notebook {notebook_path(experiment).name} finished without writing metrics.json")
