@@ -5,7 +5,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,6 +20,7 @@ from fmnist_core.core.train import TrainConfig
 from fmnist_core.pipeline.progress import ProgressView, experiment_eta, scan_jobs
 
 from conftest import CLI
+from test_faults import alive, kernel_of, wait_until
 
 # A job line of the display: "<experiment> [<profile>]: job 2/7 lenet_max: epoch 1/1, step 4/4, ..."
 JOB_LINE = re.compile(r"^\S+ \[\w+\]: job \d+/\d+ \S+: .*step (\d+)/(\d+)", re.M)
@@ -110,13 +110,12 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_kept_and_how_to_resume(tmp_path)
     partial = tmp_path / "results" / "smoke" / "classification.partial"
     command = subprocess.Popen(CLI + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 300
-    while not (partial / "models" / "lenet_avg" / "last.pt").exists():
-        assert command.poll() is None and time.monotonic() < deadline, command.communicate()
-        time.sleep(0.05)
+    wait_until((partial / "models" / "lenet_avg" / "last.pt").exists, "the first checkpoint", process=command)
+    kernel = kernel_of(command)
     command.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends (the kernel has its own session)
     out, err = command.communicate(timeout=120)
     assert command.returncode == 130, err
+    wait_until(lambda: not alive(kernel), "the kernel to stop", timeout=30)
     assert "Traceback" not in err and "Error" not in err, err
     assert f"kept in {partial}: 0 of 1 jobs finished; the checkpoints of lenet_avg" in err
     resume = err.split("to resume: ")[1].strip()

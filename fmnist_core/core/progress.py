@@ -10,17 +10,21 @@ each history record (the statistics are already on the host then: no extra synch
 * ``eta_s``: seconds left for the remaining steps at this process's measured rate (``None`` before a rate);
 * ``time``: when the file was written (seconds since the epoch).
 
+It is replaced by a rename (readers never see half a file) but not flushed to the disk: it reports the moment.
+
 :func:`fmnist_core.core.jobs.run_jobs` writes the study's plan, ``jobs.json`` (its jobs' labels and folders),
 beside the job folders before the first job starts, so a reader knows how many jobs are still to come.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from pathlib import Path
 
 from fmnist_core.core.errors import FmnistBookError
-from fmnist_core.core.io import read_json, write_json
+from fmnist_core.core.io import read_json
 
 PROGRESS_FILE = "progress.json"
 PLAN_FILE = "jobs.json"
@@ -44,6 +48,7 @@ class ProgressFile:
 
     def __init__(self, out_dir, steps: int, first_step: int = 0, steps_per_epoch: int = 0):
         self.path = Path(out_dir) / PROGRESS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.steps, self.first_step, self.steps_per_epoch = steps, first_step, steps_per_epoch
         self.started = time.perf_counter()
         self.update({"step": first_step})
@@ -54,7 +59,7 @@ class ProgressFile:
         elapsed = time.perf_counter() - self.started
         timed = step - self.first_step
         per_epoch = self.steps_per_epoch
-        write_json(self.path, {
+        _replace_json(self.path, {
             "step": step, "steps": self.steps,
             "epoch": step / per_epoch if per_epoch else None,
             "epochs": self.steps / per_epoch if per_epoch else None,
@@ -62,6 +67,15 @@ class ProgressFile:
             "elapsed_s": round(elapsed, 2),
             "eta_s": round((self.steps - step) * elapsed / timed, 2) if timed > 0 else None,
             "time": round(time.time(), 2)})
+
+
+def _replace_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` to a temporary file and rename it over ``path``: a reader sees the old or the new file,
+    never a half-written one. Unlike the results files it is not flushed to the disk (no ``fsync``): it only
+    reports the moment, and a flush per record would cost the training loop milliseconds."""
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per job folder
+    tmp.write_text(json.dumps(obj, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _finite(value):

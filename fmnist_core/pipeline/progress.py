@@ -127,7 +127,7 @@ def where(progress: dict) -> str:
         return ""
     steps = f"step {progress['step']}/{progress['steps']}"
     if progress.get("epochs"):
-        return f"epoch {progress['epoch']:g}/{progress['epochs']:g}, {steps}"
+        return f"epoch {round(progress['epoch'], 2):g}/{progress['epochs']:g}, {steps}"
     return steps
 
 
@@ -175,7 +175,7 @@ class ProgressView:
     def _phase(self, jobs: list[JobState]) -> str:
         finished = sum(j.state in ("done", "kept") for j in jobs)
         if jobs and finished == len(jobs):
-            return f"gathering/plotting ({finished} jobs done)"
+            return f"gathering/plotting ({finished} job{'s' if finished > 1 else ''} done)"
         return f"preparing ({finished}/{len(jobs)} jobs done)" if jobs else "preparing"
 
     def _job_detail(self, job: JobState) -> str:
@@ -239,7 +239,7 @@ def show_progress(run_dir, title: str, stream=None, interval: float = 1.0, every
         while not stop.is_set():
             try:
                 view.poll()
-            except (OSError, ValueError, KeyError, TypeError):  # a folder changing under the scan
+            except Exception:  # noqa: BLE001 (a folder changing under the scan must never stop the run)
                 pass
             stop.wait(interval)
 
