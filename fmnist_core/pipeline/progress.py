@@ -10,8 +10,9 @@ from a thread and shows what it finds:
 * elsewhere (a pipe, a log file, CI), one line per finished job and a status line at most every
   ``every`` seconds (10 by default).
 
-Work outside jobs (the dataset chapter, t-SNE maps, figures) has no job folder: it shows as
-``preparing`` (before the jobs) or ``gathering/plotting`` (after them) with the experiment's elapsed time.
+Work outside jobs (loading data, the dataset chapter, t-SNE maps, figures) has no job folder: it shows as
+``no training job running``, ``preparing`` (between a study's jobs) or ``gathering/plotting`` (after them),
+with the experiment's elapsed time.
 """
 from __future__ import annotations
 
@@ -176,7 +177,9 @@ class ProgressView:
         finished = sum(j.state in ("done", "kept") for j in jobs)
         if jobs and finished == len(jobs):
             return f"gathering/plotting ({finished} job{'s' if finished > 1 else ''} done)"
-        return f"preparing ({finished}/{len(jobs)} jobs done)" if jobs else "preparing"
+        if jobs:
+            return f"preparing ({finished}/{len(jobs)} jobs done)"
+        return "no training job running: loading, embedding or plotting"
 
     def _job_detail(self, job: JobState) -> str:
         p = job.progress
