@@ -122,5 +122,5 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_kept_and_how_to_resume(tmp_path)
     assert f"kept in {partial}: 0 of 1 jobs finished; the checkpoints of lenet_avg" in err
     resume = err.split("to resume: ")[1].strip()
     assert shlex.split(resume) == ["fmnist-book", *argv]
-    assert (partial / "models" / "lenet_avg" / "last.pt").exists() and "job 1/1 lenet_avg" in out
+    assert (partial / "models" / "lenet_avg" / "last.pt").exists() and "classification [smoke]: " in out
     assert read_json(partial / "run.json")["key"]

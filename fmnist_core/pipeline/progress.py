@@ -30,7 +30,7 @@ from pathlib import Path
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.core.io import read_json
 from fmnist_core.core.jobs import DONE_FILE, JOB_FILE
-from fmnist_core.core.progress import PLAN_FILE, read_progress
+from fmnist_core.core.progress import PLAN_FILE, PROGRESS_FILE, read_progress
 
 SHOWN_STATS = ("train_loss", "val_loss", "val_accuracy", "train_accuracy", "test_accuracy")
 
@@ -82,12 +82,14 @@ def scan_jobs(run_dir, since: float = 0.0) -> list[JobState]:
 
 
 def _update_state(job: JobState, since: float) -> None:
-    done, spec = job.folder / DONE_FILE, job.folder / JOB_FILE
+    """A job runs once its training has written ``progress.json`` in this run (a ``job.json`` alone may be
+    an earlier run's, or written when the job was planned)."""
+    done, spec, progress = job.folder / DONE_FILE, job.folder / JOB_FILE, job.folder / PROGRESS_FILE
     job.progress = read_progress(job.folder) or {}
     if done.exists():
         job.seconds = _read(done).get("seconds")
         job.state = "done" if done.stat().st_mtime >= since else "kept"
-    elif spec.exists() and spec.stat().st_mtime >= since:
+    elif job.progress and progress.stat().st_mtime >= since:
         steps, step = job.progress.get("steps"), job.progress.get("step")
         job.state = "finishing" if steps and step == steps else "running"
     elif spec.exists():
