@@ -17,7 +17,7 @@ from fmnist_core.core.models import build_model, model_meta
 from fmnist_core.core.progress import PLAN_FILE, read_progress
 from fmnist_core.core.supervised import fit
 from fmnist_core.core.train import TrainConfig
-from fmnist_core.pipeline.progress import ProgressView, experiment_eta, scan_jobs
+from fmnist_core.pipeline.progress import JobState, ProgressView, experiment_eta, scan_jobs
 
 from conftest import CLI
 from test_faults import alive, kernel_of, wait_until
@@ -78,6 +78,14 @@ def test_the_display_lists_jobs_with_their_step_and_the_time_left(tmp_path):
                      "experiment left ~0:50, elapsed 0:00",
                      "exp [smoke]: job 2/3 lenet: epoch 2/5, step 40/100, done in 0:50 | "
                      "experiment left ~0:35, elapsed 0:00"]
+
+
+def test_a_job_without_a_timed_record_yet_counts_as_one_of_mean_length(tmp_path):
+    done = JobState("mlp", tmp_path / "mlp", "done", seconds=4.0)
+    starting = JobState("lenet", tmp_path / "lenet", "running", {"step": 0, "steps": 10, "eta_s": None})
+    planned = JobState("cnn", tmp_path / "cnn", "planned")
+    assert experiment_eta([done, starting, planned]) == 8.0
+    assert experiment_eta([starting, planned]) is None  # nothing to go by yet: shown as "?"
 
 
 def test_on_a_terminal_the_display_redraws_in_place(tmp_path):

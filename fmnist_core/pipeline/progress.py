@@ -98,16 +98,17 @@ def _update_state(job: JobState, since: float) -> None:
 
 def experiment_eta(jobs: list[JobState]) -> float | None:
     """Seconds left for the experiment's jobs: the running job's estimate, plus, for each job not started,
-    the mean duration of the jobs finished (or else the running job's projected duration)."""
+    the mean duration of the jobs finished (or else the running job's projected duration). A job that has
+    not yet timed a record counts as one of mean duration too."""
     running = [j for j in jobs if j.active]
     todo = [j for j in jobs if j.state in ("planned", "waiting")]
     durations = [j.seconds for j in jobs if j.state in ("done", "kept") and j.seconds is not None]
     left = 0.0
     for job in running:
         eta = job.progress.get("eta_s")
-        if eta is None:
+        if eta is None and not durations:
             return None
-        left += eta
+        left += eta if eta is not None else sum(durations) / len(durations)
         if not durations:
             durations.append(job.progress.get("elapsed_s", 0.0) + eta)
     if todo and not durations:
