@@ -155,14 +155,16 @@ COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "status"
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except FmnistBookError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # what was kept and how to resume, without a traceback
+        from fmnist_core.pipeline.progress import interrupted_message
+        print(interrupted_message(err, argv), file=sys.stderr)
         return 130
 
 

@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import yaml
 from fmnist_core.core.config import load_yaml, unknown_name_message
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
+from fmnist_core.pipeline.progress import RunInterrupted, quiet_after_interrupt, show_progress
 from fmnist_core.core.io import read_json, write_json
 from fmnist_core.core.jobs import DONE_FILE, imported_modules, source_hashes
 from fmnist_core.core.resources import in_checkout, project_file, work_root
@@ -190,9 +190,12 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
     try:
-        execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
+        with show_progress(partial, f"{experiment} [{profile}]"), quiet_after_interrupt():
+            execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
         if not (partial / "metrics.json").exists():
             raise RunError(f"notebook {notebook_path(experiment).name} finished without writing metrics.json")
+    except KeyboardInterrupt:  # the partial folder is kept to be resumed; the command says so
+        raise RunInterrupted(experiment, partial) from None
     except Exception as err:  # a failed chapter is reported, the others still run
         return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started)
     seconds = time.perf_counter() - started
@@ -233,14 +236,18 @@ def _partial_key(partial: Path) -> str | None:
 
 
 def execute_notebook(experiment, profile, params, run_dir: Path, results_dir: Path, data_dir) -> None:
-    """Execute the notebook; a cell progress bar in a terminal only (bars inside notebooks come out garbled)."""
+    """Execute the notebook (the command shows the jobs' progress, :mod:`fmnist_core.pipeline.progress`).
+
+    The kernel is stopped at once when the execution ends: a kernel still training when Ctrl-C stopped the
+    command is not asked to shut down politely, which would print its message handler's traceback.
+    """
     import papermill
     if data_dir:
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
     papermill.execute_notebook(
         str(notebook_path(experiment)), str(run_dir / f"{experiment}.ipynb"),
         parameters={"profile": profile, "params": params, "run_dir": str(run_dir), "results_dir": str(results_dir)},
-        kernel_name="python3", progress_bar=sys.stderr.isatty(), cwd=str(run_dir), log_output=False,
+        kernel_name="python3", progress_bar=False, cwd=str(run_dir), log_output=False, shutdown_kernel="immediate",
         # The kernel's own start-up chatter (a local TCP kernel) is not the notebook's; errors still show.
         extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
