@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmnist_core.chapters.classification import REFERENCE_DIR
-from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.io import read_json
+from fmnist_core.core.resources import project_root
 from fmnist_core.pipeline.experiments import EXPERIMENTS
 from fmnist_core.pipeline.references import LITERATURE_LABEL, SOURCE_LABEL, Cited, load_references
 
@@ -194,7 +195,7 @@ def glance_rows(profile: str, results_dir, root=None, references=None) -> list[G
     list of GlanceRow
     """
     refs = load_references(references)
-    root = Path(root) if root is not None else PROJECT_ROOT
+    root = Path(root) if root is not None else project_root()
     rows = []
     for name, experiment in EXPERIMENTS.items():
         run = _read_run(Path(results_dir) / profile / name)
