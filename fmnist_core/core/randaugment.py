@@ -1,10 +1,21 @@
 """FixMatch's strong augmentation: RandAugment with a random magnitude per image, then Cutout, batched.
 
-Every image of a batch draws ``num_ops`` operations from :data:`OPS` and, for each, a magnitude uniform in
-the operation's range, then gets a Cutout square. All of it runs as tensor operations on the images' device
-(CPU or CUDA): the only Python loops run over the 14 operations and the ``num_ops`` slots, never over images.
-Images are floats in [0, 1], shape (N, C, H, W), with C = 1 (grey) or 3 (RGB); every operation returns
-the same shape and dtype, clamped to [0, 1].
+Every image of a batch draws ``num_ops`` operations from :data:`OPS` and, for each, a magnitude in the
+operation's range, then gets a Cutout square. All of it runs as tensor operations on the images' device
+(CPU or CUDA), and nothing is read back to the host: every operation is computed for the whole batch and
+``torch.where`` keeps, per image, the result of the operation it drew (the only Python loops run over the
+14 operations and the ``num_ops`` slots, never over images or tensor values). Images are floats in [0, 1],
+shape (N, C, H, W), with C = 1 (grey) or 3 (RGB); every operation returns the same shape and dtype, clamped
+to [0, 1].
+
+Two variants of the sampling (:func:`rand_augment`'s ``prob``, ``levels`` and ``cutout_fixed``):
+
+* the authors' code (google-research/fixmatch ``libml/augment.py``, ``AugmentPoolRAMC``: each of the 2 drawn
+  operations applied with probability 0.5 at an integer level ``randint(1, 10)`` of 10; kekmodel's
+  ``RandAugmentMC`` does the same) with their Cutout, a square of half the image side
+  (``cutout_numpy``, 16 px on 32 px images);
+* USB/TorchSSL's (every drawn operation applied, magnitude uniform over its range; Cutout side uniform up
+  to half the image side).
 
 Ranges follow Table 12 of the FixMatch paper (Sohn et al. 2020, "RandAugment" list):
 
@@ -27,8 +38,8 @@ TranslateX/Y  fraction in [-0.3, 0.3]     shift by the fraction times the width 
 
 Deviations from the PIL-based reference implementations, on purpose:
 
-* every drawn operation is applied (the paper's RA); kekmodel's ``RandAugmentMC`` applies each with
-  probability 1/2 and draws the magnitude from 10 discrete levels;
+* levels map onto the ranges of the table above (the paper's Table 12), not onto the reference code's own ranges
+  (e.g. its enhancement factors span 0.1..1.9);
 * shears and rotations are about the image centre (PIL shears about the top-left corner, which adds a
   translation of up to ``0.3 * H``); geometric ops sample the nearest pixel as PIL does, and fill the
   uncovered area with black (0, PIL's default fill and Fashion-MNIST's background);
@@ -36,9 +47,10 @@ Deviations from the PIL-based reference implementations, on purpose:
   Equalize quantise their input to 256 levels, as they are defined on 8-bit images);
 * Contrast blends with the float mean of the grey image (PIL rounds it to an integer level).
 
-Cutout (after the operations, as in FixMatch): one square per image, side uniform in
-``1 .. cutout * min(H, W)`` pixels, centred on a uniformly random pixel, clipped at the border, filled with
-grey 0.5 (FixMatch's 127/255). Grey conversion of RGB uses the ITU-R 601 luma weights, as PIL does.
+Cutout (after the operations, as in FixMatch): one square per image, side ``cutout * min(H, W)`` pixels
+(fixed) or uniform in ``1 .. cutout * min(H, W)``, centred on a uniformly random pixel, clipped at the
+border, filled with grey 0.5 (FixMatch's 127/255: zero in the authors' [-1, 1] scale). Grey conversion of
+RGB uses the ITU-R 601 luma weights, as PIL does.
 """
 from __future__ import annotations
 

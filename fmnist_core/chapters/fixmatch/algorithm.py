@@ -1,8 +1,9 @@
 """FixMatch (Sohn et al. 2020): semi-supervised training from a few labels, on device-resident tensors.
 
 Each step takes ``B`` labeled images (weak augmentation) and ``mu * B`` unlabeled images, each seen twice:
-weakly augmented (flip and a translation of up to 12.5 %) and strongly augmented (the weak augmentation,
-then RandAugment and Cutout, :mod:`fmnist_core.core.randaugment`). The three groups go through the network in one
+weakly augmented (flip and a translation of up to 12.5 %, reflect-padded as in the authors' code or
+zero-padded: ``weak_padding``) and strongly augmented (the weak augmentation, then RandAugment and Cutout,
+:mod:`fmnist_core.core.randaugment`, in the authors' variant or USB/TorchSSL's: ``randaugment``, ``cutout``). The three groups go through the network in one
 concatenated forward pass, so batch-norm statistics see them together (on one device, the reference code's
 interleaving for multi-GPU batch norm is not needed). The loss is
 
@@ -11,7 +12,8 @@ interleaving for multi-GPU batch norm is not needed). The loss is
 with the weak-view prediction taken without gradient. SGD with Nesterov momentum, weight decay on weights
 only (:func:`fmnist_core.core.train.parameter_groups`), learning rate ``lr * cos(7 pi k / 16 K)`` over ``K`` steps
 (the loop's ``"fixmatch"`` schedule), and an exponential moving average (EMA) of the weights, which is the
-evaluated and reported model: the final EMA model, never one chosen on the test set.
+evaluated and reported model: the final EMA model, never one chosen on the test set, and beside it the
+authors' reported number, the median EMA test accuracy of the last 20 evaluations (``median_last``).
 
 Sampling: the labeled and the unlabeled images are each read in shuffled epochs (every image once per
 epoch, a fresh permutation each epoch, epochs concatenated so batches may straddle two), like the reference
