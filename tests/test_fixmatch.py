@@ -256,7 +256,8 @@ def test_labeled_subsets_are_class_balanced_and_reproducible():
 @pytest.mark.parametrize("overrides, name", [({"epochs": 3}, "epochs"), ({"schedule": "step"}, "schedule"),
                                              ({"mu": 0}, "mu"), ({"threshold": 1.5}, "threshold"),
                                              ({"backbone": "vgg16"}, "backbone"), ({"dataset": "lfw"}, "dataset"),
-                                             ({"randaugment": "paper"}, "randaugment"), ({"cutout": "square"}, "cutout"),
+                                             ({"randaugment": "paper"}, "randaugment"),
+                                             ({"cutout": "square"}, "cutout"),
                                              ({"weak_padding": "edge"}, "weak_padding"),
                                              ({"median_last": 0}, "median_last")])
 def test_config_refuses_impossible_values_and_parameters_fixmatch_does_not_have(overrides, name):

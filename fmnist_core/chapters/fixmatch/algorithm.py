@@ -3,9 +3,9 @@
 Each step takes ``B`` labeled images (weak augmentation) and ``mu * B`` unlabeled images, each seen twice:
 weakly augmented (flip and a translation of up to 12.5 %, reflect-padded as in the authors' code or
 zero-padded: ``weak_padding``) and strongly augmented (the weak augmentation, then RandAugment and Cutout,
-:mod:`fmnist_core.core.randaugment`, in the authors' variant or USB/TorchSSL's: ``randaugment``, ``cutout``). The three groups go through the network in one
-concatenated forward pass, so batch-norm statistics see them together (on one device, the reference code's
-interleaving for multi-GPU batch norm is not needed). The loss is
+:mod:`fmnist_core.core.randaugment`, in the authors' variant or USB/TorchSSL's: ``randaugment``, ``cutout``).
+The three groups go through the network in one concatenated forward pass, so batch-norm statistics see
+them together (on one device, the reference code's interleaving for multi-GPU batch norm is not needed). The loss is
 
     L = CE(labeled) + lambda_u * mean_over_mu*B( 1[max p_weak >= tau] * CE(strong logits, argmax p_weak) ),
 
