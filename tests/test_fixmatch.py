@@ -21,6 +21,8 @@ from fmnist_core.core.jobs import Job, run_job
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.train import lr_factor, make_schedule
+from fmnist_core.chapters.fixmatch import study
+from fmnist_core.pipeline.runner import resolve_params
 from fmnist_core.chapters.fixmatch.algorithm import (EMA, EpochStream, FixMatch, FixMatchBatches, FixMatchConfig,
                                                      fixmatch_loss, labeled_indices, median_of_last, train_fixmatch)
 
@@ -475,6 +477,21 @@ def test_the_reported_median_is_over_the_last_evaluations_only():
     assert median_of_last(history, 20) == (0.55, 4)  # fewer evaluations than asked for: all of them
     with pytest.raises(ValueError, match="ema_test_accuracy"):
         median_of_last([{"ema_test_accuracy": None}], 20)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "standard", "paper"])
+def test_the_page_reads_each_profile_as_the_runner_does(profile):
+    assert study.profile_params(profile) == resolve_params("fixmatch", profile)
+
+
+def test_the_paper_profile_is_the_authors_protocol():
+    paper = study.profile_params("paper")
+    assert (paper["steps"], paper["batch_size"], paper["mu"], paper["backbone"]) == (2 ** 20, 64, 7, "wrn28_2")
+    assert len(paper["seeds"]) == 5 and paper["label_counts"] == [40, 250, 4000]
+    # google-research/fixmatch: an evaluation every 64 kimg (1,024 steps of 64), the median of the last 20.
+    assert paper["eval_every"] == 1024 and paper["median_last"] == 20
+    assert (paper["randaugment"], paper["cutout"], paper["weak_padding"]) == ("authors", "fixed", "reflect")
+    assert "1,024 per run; the median of the last 20" in study.protocol(paper)
 
 
 # ------------------------------------------------------------------------------------------------ jobs

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_core.core import metrics
-from fmnist_core.core.config import param, require
+from fmnist_core.core.config import load_yaml, param, require
 from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset, job_dataset
 from fmnist_core.core.errors import FmnistBookError
-from fmnist_core.core.io import read_json
+from fmnist_core.core.io import PROJECT_ROOT, read_json
 from fmnist_core.core.jobs import Job, run_jobs
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import rebuild
@@ -17,6 +17,7 @@ from fmnist_core.core.train import resolve_device
 from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, FixMatchTraining, eval_split
 
 
+PROFILES = PROJECT_ROOT / "profiles.yml"
 RESULT_KEYS = ("test_accuracy", "median_test_accuracy", "median_evaluations", "augmentation")
 REPORTED = {"test_accuracy": "final EMA model", "median_test_accuracy": "median of the last evaluations (the authors')"}
 
@@ -118,14 +119,22 @@ def summarise(rows: list[dict]) -> list[dict]:
     return [{"model": s.pop("method"), **s} for s in summary]
 
 
+def profile_params(profile: str, path: Path = PROFILES) -> dict:
+    """The study's resolved parameters under ``profile`` of ``profiles.yml``: its ``fixmatch`` entry over the
+    defaults, validated (what the runner passes a build of that profile), as plain values."""
+    entry = (load_yaml(Path(path).read_text())[profile]["experiments"].get("fixmatch") or {})
+    return FixMatchStudyConfig.from_overrides(entry, where=f"profile {profile!r}, fixmatch").to_dict()
+
+
 def protocol(params: dict) -> str:
     """A profile's FixMatch protocol in words, from its resolved parameters (a :class:`FixMatchStudyConfig`'s
     ``to_dict()``): budget, backbone, seeds, evaluations, what the median is taken over, augmentation."""
     evaluations = params["steps"] // params["eval_every"] if params["eval_every"] else 1
     unlabeled = params["mu"] * params["batch_size"]
     return (f"{params['steps']:,} steps of B = {params['batch_size']} labeled + μB = {unlabeled} unlabeled images "
-            f"on {params['backbone']}, {len(params['seeds'])} seed(s), an EMA test evaluation every "
-            f"{params['eval_every'] or params['steps']:,} steps ({evaluations} per run; the median of the last "
+            f"on {params['backbone']} at {', '.join(f'{n:,}' for n in params['label_counts'])} labels, "
+            f"{len(params['seeds'])} seed(s), an EMA test evaluation every "
+            f"{params['eval_every'] or params['steps']:,} steps ({evaluations:,} per run; the median of the last "
             f"{min(params['median_last'], evaluations)}), RandAugment {params['randaugment']}, Cutout "
             f"{params['cutout']}, {params['weak_padding']} padding")
 
