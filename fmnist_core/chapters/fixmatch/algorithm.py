@@ -469,9 +469,11 @@ def median_of_last(history: list[dict], count: int, key: str = "ema_test_accurac
     return float(np.median(values)), len(values)
 
 
-def augmentation_label(cfg: FixMatchMethod) -> str:
-    """The augmentation variants of a run in words, e.g. ``RandAugment authors, Cutout fixed, reflect padding``."""
-    return f"RandAugment {cfg.randaugment}, Cutout {cfg.cutout}, {cfg.weak_padding} padding"
+def augmentation_label(cfg: FixMatchConfig) -> str:
+    """The augmentation variants of a run in words, e.g. ``RandAugment authors, Cutout fixed, reflect padding``
+    (``weak only, reflect padding`` for the labeled-only runs, which see no strong views)."""
+    weak = f"{cfg.weak_padding} padding"
+    return f"weak only, {weak}" if cfg.supervised_only else f"RandAugment {cfg.randaugment}, Cutout {cfg.cutout}, {weak}"
 
 
 @job_kind("fixmatch", FixMatchConfig)
