@@ -3,7 +3,7 @@
 Every image of a batch draws ``num_ops`` operations from :data:`OPS` and, for each, a magnitude in the
 operation's range, then gets a Cutout square. All of it runs as tensor operations on the images' device
 (CPU or CUDA), and nothing is read back to the host: every operation is computed for the whole batch and
-``torch.where`` keeps, per image, the result of the operation it drew (the only Python loops run over the
+one gather keeps, per image, the result of the operation it drew (the only Python loops run over the
 14 operations and the ``num_ops`` slots, never over images or tensor values). Images are floats in [0, 1],
 shape (N, C, H, W), with C = 1 (grey) or 3 (RGB); every operation returns the same shape and dtype, clamped
 to [0, 1].
@@ -208,14 +208,13 @@ def affine(images: torch.Tensor, matrices: torch.Tensor, fill: float = GEOMETRIC
     n, c, h, w = images.shape
     # Pixels about the centre -> grid_sample's [-1, 1] coordinates (align_corners=False): x_n = 2 x / w.
     theta = matrices.to(images.dtype)
-    xs = ((torch.arange(w, device=images.device, dtype=images.dtype) * 2 + 1) / w - 1).view(1, 1, w)
-    ys = ((torch.arange(h, device=images.device, dtype=images.dtype) * 2 + 1) / h - 1).view(1, h, 1)
-
-    a0, b0, t0 = (theta[:, 0, j].view(n, 1, 1) for j in range(3))
-    a1, b1, t1 = (theta[:, 1, j].view(n, 1, 1) for j in range(3))
-    grid_x = a0 * xs + (b0 * (h / w)) * ys + t0 * (2.0 / w)
-    grid_y = (a1 * (w / h)) * xs + b1 * ys + t1 * (2.0 / h)
-    grid = torch.stack([grid_x, grid_y], -1)
+    xs = ((torch.arange(w, device=images.device, dtype=images.dtype) * 2 + 1) / w - 1).view(1, 1, w, 1)
+    ys = ((torch.arange(h, device=images.device, dtype=images.dtype) * 2 + 1) / h - 1).view(1, h, 1, 1)
+    # Per image, the (x, y) coefficients of the grid's two coordinates, already in [-1, 1] units.
+    a = torch.stack([theta[:, 0, 0], theta[:, 1, 0] * (w / h)], 1).view(n, 1, 1, 2)
+    b = torch.stack([theta[:, 0, 1] * (h / w), theta[:, 1, 1]], 1).view(n, 1, 1, 2)
+    t = torch.stack([theta[:, 0, 2] * (2.0 / w), theta[:, 1, 2] * (2.0 / h)], 1).view(n, 1, 1, 2)
+    grid = a * xs + b * ys + t  # (N, H, W, 2), contiguous: no interleaving copy
     # Sampling (images - fill) with zero padding leaves exactly ``fill`` outside the source image.
     warped = F.grid_sample(images - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return (warped + fill).clamp_(0.0, 1.0)
@@ -287,15 +286,13 @@ def op_magnitude(index: int, u: torch.Tensor) -> torch.Tensor:
 def apply_ops(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Apply operation ``OPS[ops[i]]`` with magnitude draw ``u[i]`` to image ``i``, for all i at once.
 
-    Nothing is read back to the host: every colour operation runs on the whole batch and
-    ``torch.where`` keeps its result for the images that drew it; the geometric ones share one warp, with
-    the identity map for the images that drew none. The cost is fixed (every operation on every image),
-    the price of never waiting for the device to learn which image drew what.
+    Nothing is read back to the host: every colour operation runs on the whole batch, the geometric ones
+    share one warp (the identity map for the images that drew none), and one gather from the stacked results
+    keeps, per image, the result of the operation it drew. The cost is fixed (every operation on every
+    image), the price of never waiting for the device to learn which image drew what.
     """
-    out = images
-    for index in range(1, _FIRST_GEOMETRIC):  # OPS[0] is Identity: ``out`` starts as the images
-        chosen = (ops == index).view(-1, 1, 1, 1)
-        out = torch.where(chosen, OPS[index][1](images, op_magnitude(index, u)), out)
+    results = [images]  # OPS[0] is Identity
+    results += [OPS[index][1](images, op_magnitude(index, u)) for index in range(1, _FIRST_GEOMETRIC)]
     geometric = ops >= _FIRST_GEOMETRIC
     magnitudes = torch.zeros_like(u)
     for index in range(_FIRST_GEOMETRIC, len(OPS)):
@@ -303,8 +300,9 @@ def apply_ops(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch
     # The OPS order of the geometric ops is GEOMETRIC_KINDS' order; kind -1 (no geometric op) and magnitude 0
     # give the identity map.
     kinds = torch.where(geometric, ops - _FIRST_GEOMETRIC, torch.full_like(ops, -1))
-    warped = affine(images, geometric_matrices(kinds, magnitudes, images.shape[2], images.shape[3]))
-    return torch.where(geometric.view(-1, 1, 1, 1), warped, out)
+    results.append(affine(images, geometric_matrices(kinds, magnitudes, images.shape[2], images.shape[3])))
+    choice = torch.where(geometric, torch.full_like(ops, len(results) - 1), ops)
+    return torch.stack(results)[choice, torch.arange(len(ops), device=ops.device)]
 
 
 def level_draws(u: torch.Tensor, ops: torch.Tensor, sign: torch.Tensor, levels: int) -> torch.Tensor:
