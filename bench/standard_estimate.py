@@ -81,9 +81,11 @@ class OperatorCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count(step) -> tuple[int, int]:
-    """(FLOPs, operators) of ``step()``: one training step's forward and backward, or one forward pass."""
-    with FlopCounterMode(display=False) as flops, OperatorCount() as ops:
+def count(step, dtype: str = "float32") -> tuple[int, int]:
+    """(FLOPs, operators) of ``step()``: one training step's forward and backward, or one forward pass. A
+    ``bfloat16`` job runs under the CPU's bf16 autocast, which inserts the casts CUDA's autocast would."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with FlopCounterMode(display=False) as flops, OperatorCount() as ops, autocast:
         step()
     return flops.get_total_flops(), ops.count
 
@@ -112,9 +114,9 @@ def forward_flops_per_image(model: torch.nn.Module, run=None) -> float:
 
 
 # ------------------------------------------------------------------------------- one step of each kind
-def classifier_costs(name: str, batch: int, augment: bool) -> dict:
+def classifier_costs(name: str, batch: int, augment: bool, dtype: str = "float32") -> dict:
     model = build_model(name, 1, 10, 28)
-    flops, ops = count(classifier_step(model, SMALL_BATCH, augment))
+    flops, ops = count(classifier_step(model, SMALL_BATCH, augment), dtype)
     return {"train_flops_per_step": flops * batch / SMALL_BATCH, "operators_per_step": ops,
             "forward_flops_per_image": forward_flops_per_image(model)}
 
@@ -129,14 +131,14 @@ def vae_costs(cfg) -> dict:
     def step():
         x_hat, mu, logvar = model(x, generator=generator)
         vae.vae_loss(x_hat, x, mu, logvar, 1.0, cfg.recon_loss)["loss"].backward()
-    flops, ops = count(step)
+    flops, ops = count(step, cfg.dtype)
     return {"train_flops_per_step": flops * cfg.batch_size / SMALL_BATCH, "operators_per_step": ops,
             "forward_flops_per_image": forward_flops_per_image(model, lambda x: model(x, generator=generator))}
 
 
 def semisup_costs(cfg) -> dict:
     if cfg.model == "cnn":
-        return classifier_costs(semisup.CNN_ARCHITECTURE, cfg.batch_size, cfg.augment)
+        return classifier_costs(semisup.CNN_ARCHITECTURE, cfg.batch_size, cfg.augment, cfg.dtype)
     ds = ImageDataset("fashion_mnist", *(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), torch.zeros(1).long()) * 2,
                       (0.286,), (0.353,), tuple(str(c) for c in range(10)))
     model = semisup.rebuild_semisup(semisup.semisup_meta(cfg, ds))
@@ -144,7 +146,7 @@ def semisup_costs(cfg) -> dict:
     xl, yl = torch.rand(SMALL_BATCH, 1, 28, 28), torch.arange(SMALL_BATCH) % 10
     xu = torch.rand(SMALL_BATCH * cfg.unlabeled_ratio, 1, 28, 28)
     generator = torch.Generator().manual_seed(0)
-    flops, ops = count(lambda: step_fn(model, xl, yl, xu, generator)["loss"].backward())
+    flops, ops = count(lambda: step_fn(model, xl, yl, xu, generator)["loss"].backward(), cfg.dtype)
     classify = semisup.ClassifierView(model)
     return {"train_flops_per_step": flops * cfg.batch_size / SMALL_BATCH, "operators_per_step": ops,
             "forward_flops_per_image": forward_flops_per_image(classify)}
@@ -164,7 +166,7 @@ def fixmatch_costs(cfg) -> dict:
         loss, _ = algo.train_step(0, generator)
         loss.backward()
         algo.after_step(0)
-    flops, ops = count(step)
+    flops, ops = count(step, cfg.dtype)
     return {"train_flops_per_step": flops * cfg.batch_size / SMALL_BATCH, "operators_per_step": ops,
             "forward_flops_per_image": forward_flops_per_image(model)}
 
@@ -202,7 +204,7 @@ def classification_jobs(params: dict) -> list[dict]:
         train = c.train_images or TRAIN_IMAGES[c.dataset] - c.val_size
         steps = c.epochs * math.ceil(train / c.batch_size)
         test = c.test_images or TEST_IMAGES[c.dataset]
-        costs = classifier_costs(c.model, c.batch_size, c.augment)
+        costs = classifier_costs(c.model, c.batch_size, c.augment, c.dtype)
         jobs.append({"job": job.label, **costs, **job_seconds(costs, steps, c.epochs * c.val_size + test, c.dtype)})
     return jobs
 
