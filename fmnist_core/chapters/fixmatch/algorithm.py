@@ -63,7 +63,8 @@ CUTOUT_SIZE = 0.5  # Cutout side (or its largest value) as a fraction of the ima
 # ------------------------------------------------------------------------------------------- parameters
 @dataclass
 class FixMatchMethod(Config):
-    """FixMatch's own parameters: data, backbone, step budget, loss, EMA, and the intervals of a run."""
+    """FixMatch's own parameters: data, backbone, step budget, loss, EMA, the intervals of a run, the reported
+    median, and the augmentation variants (the defaults are the authors' code: google-research/fixmatch)."""
 
     dataset: str = param("fashion_mnist", "fashion_mnist | cifar10")
     backbone: str = param("wrn28_2", "wrn28_2 (the paper's) | smallcnn | lenet_avg | lenet_max (CPU budgets)")
