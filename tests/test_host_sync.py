@@ -7,7 +7,8 @@ arithmetic, sets the step rate. On the CPU nothing waits, so the calls themselve
 that would synchronise on CUDA is wrapped, and the count runs only while an algorithm's ``train_step`` or
 ``after_step`` or the loop's per-step statistics window is executing (the loop reads statistics back once per
 logging interval, outside those). With CUDA present the same runs also go through
-``torch.cuda.set_sync_debug_mode("error")`` inside the step, which raises on any synchronising CUDA call.
+``torch.cuda.set_sync_debug_mode("error")`` inside every step after the first (which initialises the libraries),
+which raises on any synchronising CUDA call.
 """
 import contextlib
 import functools
@@ -77,7 +78,8 @@ class SyncCounter:
     def hot(self):
         """The body of a step: counted, and on CUDA checked by the sync debug mode."""
         self.active += 1
-        debug = torch.cuda.is_available() and self.active == 1
+        # CUDA's check starts at the second step: the first one initialises cuBLAS/cuDNN and autotunes.
+        debug = torch.cuda.is_available() and self.active == 1 and self.steps >= 2
         if debug:
             torch.cuda.set_sync_debug_mode("error")
         try:
