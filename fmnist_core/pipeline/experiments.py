@@ -20,7 +20,8 @@ class Experiment:
     The source a run depends on is derived from the notebook's imports (see
     :func:`fmnist_core.pipeline.runner.key_parts`). ``requires`` are experiments whose results this one
     needs (it fails without them); ``reads`` are experiments whose results it shows when they exist. The
-    keys of both are part of its key, so a new upstream result re-runs it.
+    keys of both are part of its key, so a new upstream result re-runs it. ``describes`` are other profiles
+    whose settings of this experiment its page quotes: those settings are part of its key too.
     """
 
     name: str
@@ -28,6 +29,7 @@ class Experiment:
     config: type[Config]
     requires: tuple[str, ...] = field(default=())
     reads: tuple[str, ...] = field(default=())
+    describes: tuple[str, ...] = field(default=())
 
 
 EXPERIMENTS = {e.name: e for e in (
@@ -36,7 +38,8 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("layerwise", "What each layer sees", LayerwiseConfig, requires=("classification",)),
     Experiment("vae", "A convolutional VAE", VAEConfig),
     Experiment("semisupervised", "Semi-supervised learning with a VAE", SemiSupStudyConfig),
-    Experiment("fixmatch", "FixMatch with few labels", FixMatchStudyConfig, reads=("semisupervised",)),
+    Experiment("fixmatch", "FixMatch with few labels", FixMatchStudyConfig, reads=("semisupervised",),
+               describes=("standard", "paper")),
 )}
 
 

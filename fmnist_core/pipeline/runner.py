@@ -88,7 +88,9 @@ def key_parts(experiment: str, profile: str, params: dict, results_dir: Path) ->
             "notebook": _sha256(notebook_path(experiment).read_bytes()),
             "sources": source_hashes(notebook_modules(experiment)),
             "upstream": {dep: finished_key(Path(results_dir) / profile / dep) or "missing"
-                         for dep in exp.requires + exp.reads}}
+                         for dep in exp.requires + exp.reads},
+            "described": {other: _sha256(json.dumps(resolve_params(experiment, other), sort_keys=True).encode())
+                          for other in exp.describes}}
 
 
 def notebook_modules(experiment: str) -> list[str]:
@@ -110,6 +112,9 @@ def key_of(parts: dict) -> str:
 def changed_parts(old: dict, new: dict) -> list[str]:
     """Names of the parts that differ between two :func:`key_parts` (e.g. ``fmnist_core/vae.py``)."""
     changed = [part for part in ("experiment", "profile", "parameters", "notebook") if old.get(part) != new.get(part)]
+    old_described, new_described = old.get("described", {}), new.get("described", {})
+    changed += [f"{name} profile's settings" for name in sorted(old_described.keys() | new_described.keys())
+                if old_described.get(name) != new_described.get(name)]
     for group, label in (("sources", "{}"), ("upstream", "upstream run {}")):
         names = old.get(group, {}).keys() | new.get(group, {}).keys()
         changed += [label.format(n) for n in sorted(names) if old.get(group, {}).get(n) != new.get(group, {}).get(n)]
