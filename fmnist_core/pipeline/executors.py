@@ -1,0 +1,237 @@
+"""Executors: where the jobs of a profile run — in the notebook's kernel, in local worker processes, or on Slurm.
+
+``inline`` (the default) is what a notebook does by itself: it runs its study's jobs one after the other. The
+other executors run every planned job first, each in a fresh process (``python -m fmnist_core.core.jobs
+JOB_DIR``, which gives the same bytes as inline: a job seeds itself from its config), then execute the
+notebooks, which find their jobs finished and only gather. Experiments wait for the runs they ``require``:
+their jobs are planned only once those runs have finished (:func:`run_with_executor`).
+
+A job folder has one writer, the worker running it; what the others know of it comes from its marker files
+(``job.json`` planned, ``started.json``, ``failed.json``, ``done.json``, written atomically by renames) — no
+file lock, so the results folder may be on a filesystem shared by many nodes. A worker's output goes to
+``<job folder>.log``, beside its folder.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmnist_core.core.errors import ConfigError, RunError
+from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.jobs import FAILED_FILE, Job, prepare_job
+from fmnist_core.pipeline.experiments import get_experiment
+
+EXECUTORS = ("inline", "local", "slurm")
+
+
+@dataclass
+class JobFailure:
+    """A job that ended without finishing: its study, label, folder, log and what went wrong."""
+
+    study: str
+    label: str
+    job_dir: Path
+    log: Path
+    error: str
+
+    def describe(self) -> str:
+        return f"job {self.study}/{self.label} failed: {self.error} (log: {self.log})"
+
+
+def job_log(job_dir) -> Path:
+    """Where a worker's output goes: ``<job folder>.log``, beside the folder (which the job may clear)."""
+    job_dir = Path(job_dir)
+    return job_dir.with_name(job_dir.name + ".log")
+
+
+def worker_command(job_dir) -> list[str]:
+    """The command that runs one planned job in a fresh process."""
+    return [sys.executable, "-m", "fmnist_core.core.jobs", str(job_dir)]
+
+
+def worker_env(gpu: str | None = None) -> dict:
+    """This process's environment, with this project first on ``PYTHONPATH`` (a worker imports the code that
+    planned its job) and, for ``gpu``, ``CUDA_VISIBLE_DEVICES`` pinned to it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def failure_reason(job_dir, fallback: str) -> str:
+    """What the worker recorded in ``failed.json``, else the last line of its log, else ``fallback``."""
+    marker = Path(job_dir) / FAILED_FILE
+    try:
+        if marker.exists():
+            return read_json(marker)["error"]
+    except (RunError, KeyError, ValueError):
+        pass
+    lines = job_log(job_dir).read_text(errors="replace").strip().splitlines() if job_log(job_dir).exists() else []
+    return f"{fallback}: {lines[-1]}" if lines else fallback
+
+
+def run_worker(job_dir, gpu: str | None = None) -> None:
+    """Run one planned job in a fresh process, its output appended to its log; raise if it did not finish."""
+    log_path = job_log(job_dir)
+    with open(log_path, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job_dir))}\n".encode())
+        log.flush()
+        code = subprocess.run(worker_command(job_dir), stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu),
+                              cwd=PROJECT_ROOT).returncode
+    if code != 0:
+        raise RunError(failure_reason(job_dir, f"exit status {code}") + f" (log: {log_path})")
+
+
+# ---------------------------------------------------------------------------------------- local pool
+class LocalExecutor:
+    """A pool of worker processes on this machine: ``workers`` at a time, or one per GPU of ``gpus``
+    (each worker sees only its GPU, through ``CUDA_VISIBLE_DEVICES``)."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1, gpus: list[str] | None = None):
+        if workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+        self.slots = list(gpus) if gpus else [None] * workers
+
+    def run(self, studies: dict[str, list[Job]], log=print) -> list[JobFailure]:
+        """Run every job of ``studies`` (study -> unfinished jobs); the failures, the others having finished."""
+        queue = [(study, job) for study, jobs in studies.items() for job in jobs]
+        total, running, failures, free = len(queue), {}, [], list(self.slots)
+        try:
+            while queue or running:
+                while queue and free:
+                    study, job = queue.pop(0)
+                    slot = free.pop(0)
+                    running[self._start(job, slot)] = (study, job, slot)
+                for proc in [p for p in running if p.poll() is not None]:
+                    study, job, slot = running.pop(proc)
+                    free.append(slot)
+                    failures += self._finished(study, job, proc.returncode, total - len(queue) - len(running), total,
+                                               log)
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            for proc in running:
+                proc.terminate()
+            for proc in running:
+                proc.wait()
+            log(f"interrupted: {len(running)} running job(s) stopped; their checkpoints stay, and running the "
+                "same command again resumes them")
+            raise
+        return failures
+
+    @staticmethod
+    def _start(job: Job, gpu: str | None) -> subprocess.Popen:
+        log = open(job_log(job.out_dir), "ab")
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job.out_dir))}\n".encode())
+        log.flush()
+        with log:  # the child keeps its own descriptor
+            return subprocess.Popen(worker_command(job.out_dir), stdout=log, stderr=subprocess.STDOUT,
+                                    env=worker_env(gpu), cwd=PROJECT_ROOT)
+
+    @staticmethod
+    def _finished(study: str, job: Job, code: int, done: int, total: int, log) -> list[JobFailure]:
+        if code == 0 and job.finished():
+            log(f"  [{done}/{total}] {study}/{job.label}: done")
+            return []
+        failure = JobFailure(study, job.label, job.out_dir, job_log(job.out_dir),
+                             failure_reason(job.out_dir, f"exit status {code}"))
+        log(f"  [{done}/{total}] {failure.describe()}")
+        return [failure]
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+def make_executor(args, profile: str, results_dir: Path):
+    """The executor that ``args`` (``--executor`` and its options) ask for; ``None`` for ``inline``."""
+    name = getattr(args, "executor", "inline") or "inline"
+    if name == "inline":
+        return None
+    if name == "local":
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        return LocalExecutor(args.workers, gpus)
+    from fmnist_core.pipeline.slurm import SlurmExecutor, options_from_args
+    return SlurmExecutor(options_from_args(args), Path(results_dir).resolve() / profile / ".slurm",
+                         reattach=reattach_command(args))
+
+
+def reattach_command(args) -> str:
+    """The command line that was given (running it again re-attaches to the jobs it submitted)."""
+    return "fmnist-book " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"fmnist-book {args.command} ..."
+
+
+def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None) -> list[Job]:
+    """The unfinished jobs of ``experiment``'s run, planned in its run folder with their ``job.json`` written
+    (none when it has no jobs, is up to date, or waits for a required run)."""
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, prepare_run
+    exp = get_experiment(experiment)
+    if exp.plan is None:
+        return []
+    prepared = prepare_run(experiment, profile, overrides, force, results_dir or DEFAULT_RESULTS)
+    if prepared is None:
+        return []
+    run_dir, params = prepared
+    jobs = [job for job in exp.plan(exp.config.from_overrides(params, where=experiment), run_dir)
+            if not job.finished()]
+    for job in jobs:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_job(job)
+    return jobs
+
+
+def waves(experiments: list[str]) -> list[list[str]]:
+    """``experiments`` in groups: each group only requires runs of earlier groups (or none of these)."""
+    pending, groups = list(experiments), []
+    while pending:
+        group = [e for e in pending if not set(get_experiment(e).requires) & set(pending)]
+        if not group:
+            raise ConfigError(f"experiments {', '.join(pending)} require each other")
+        groups.append(group)
+        pending = [e for e in pending if e not in group]
+    return groups
+
+
+def run_with_executor(executor, experiments: list[str], profile: str, overrides=None, force=False,
+                      results_dir=None, data_dir=None, log=print) -> list:
+    """Run the jobs of ``experiments`` through ``executor``, then their notebooks (which only gather), wave by
+    wave (:func:`waves`); a study with a failed job is recorded as failed, naming the job and its log."""
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, RunResult, _record_failure, run_experiment
+    results_dir = Path(results_dir or DEFAULT_RESULTS).resolve()
+    if data_dir:  # the workers read the data where the notebooks would
+        os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
+    results = []
+    for group in waves(experiments):
+        studies = {e: plan_study(e, profile, overrides, force, results_dir) for e in group}
+        studies = {e: jobs for e, jobs in studies.items() if jobs}
+        if studies:
+            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]")
+        failures = executor.run(studies, log) if studies else []
+        for experiment in group:
+            failed = [f for f in failures if f.study == experiment]
+            if failed:
+                error = "; ".join(f.describe() for f in failed)
+                results.append(_record_failure(results_dir / profile / experiment, experiment, profile, error))
+                log(f"{experiment} [{profile}]: FAILED: {error}")
+                continue
+            try:
+                results.append(run_experiment(experiment, profile, overrides, force, results_dir, data_dir, log,
+                                              prepared=experiment in studies))
+            except RunError as err:
+                results.append(RunResult(experiment, "failed", results_dir / profile / experiment, error=str(err)))
+    return results
+
+
+def add_executor_options(parser) -> None:
+    """``--executor`` and its options, for ``run`` and ``build``."""
+    group = parser.add_argument_group("where jobs run")
+    group.add_argument("--executor", choices=EXECUTORS, default="inline",
+                       help="inline: in the notebook (default); local: worker processes here; slurm: job arrays")
+    group.add_argument("--workers", type=int, default=2, help="local: jobs at a time (default 2)")
+    group.add_argument("--gpus", default=None, help="local: one job per GPU of this list, e.g. 0,1,2,3")
+    from fmnist_core.pipeline.slurm import add_slurm_options
+    add_slurm_options(group)

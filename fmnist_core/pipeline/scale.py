@@ -1,0 +1,180 @@
+"""What a profile's jobs are and where they stand: ``fmnist-book plan`` (the jobs and an estimate of their cost)
+and the job lines of ``fmnist-book status`` (done / running / queued / failed per study, from the job folders'
+marker files and, for jobs submitted to Slurm, from Slurm itself)."""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import socket
+from pathlib import Path
+
+from fmnist_core.core.data import TRAIN_IMAGES
+from fmnist_core.core.errors import FmnistBookError
+from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.jobs import FAILED_FILE, STARTED_FILE, Job
+from fmnist_core.pipeline.executors import job_log
+from fmnist_core.pipeline.experiments import get_experiment
+
+STEP_TIMES = PROJECT_ROOT / "bench" / "results" / "step_times.json"
+PROGRESS_FILE = "progress.json"
+
+
+def planned_jobs(experiment: str, profile: str, results_dir) -> list[Job]:
+    """The jobs of ``experiment`` in ``profile``, planned where its run keeps them (nothing is written): the
+    run folder in progress (``<experiment>.partial``) if there is one, else the finished one."""
+    from fmnist_core.pipeline.runner import resolve_params
+    exp = get_experiment(experiment)
+    if exp.plan is None:
+        return []
+    final = Path(results_dir).resolve() / profile / experiment
+    partial = final.with_name(final.name + ".partial")
+    cfg = exp.config.from_overrides(resolve_params(experiment, profile), where=experiment)
+    return exp.plan(cfg, partial if partial.exists() else final)
+
+
+# ------------------------------------------------------------------------------------------- cost
+def job_steps(job: Job) -> int:
+    """The optimiser steps of a job: ``steps``, or epochs x steps per pass over its training images."""
+    cfg = job.config
+    if hasattr(cfg, "steps"):
+        return cfg.steps
+    images = getattr(cfg, "train_images", 0) or TRAIN_IMAGES.get(getattr(cfg, "dataset", "fashion_mnist"), 60000)
+    images -= getattr(cfg, "val_size", 0) if not getattr(cfg, "train_images", 0) else 0
+    per_step = cfg.batch_size * getattr(cfg, "unlabeled_ratio", 1)
+    return cfg.epochs * math.ceil(images / per_step)
+
+
+def job_backbone(job: Job) -> str:
+    """``<kind>/<network>/b<batch>``: what a recorded seconds-per-step figure is looked up by."""
+    cfg = job.config
+    network = getattr(cfg, "backbone", None) or getattr(cfg, "model", None) or f"z{getattr(cfg, 'latent_dim', '')}"
+    return f"{job.kind}/{network}/b{cfg.batch_size}"
+
+
+def this_device() -> str:
+    """The device name the step times of this machine are recorded under (a CUDA GPU's name, or CPU)."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()} x{os.cpu_count()}"
+
+
+def step_times(device: str, path: Path = STEP_TIMES) -> dict[str, float]:
+    """Recorded seconds per step on ``device`` (``bench/step_times.py`` records them), by :func:`job_backbone`."""
+    try:
+        return read_json(path).get("devices", {}).get(device, {}) if Path(path).exists() else {}
+    except FmnistBookError:
+        return {}
+
+
+def plan_lines(profile: str, results_dir, device: str | None = None) -> list[str]:
+    """The lines of ``fmnist-book plan``: every job of the profile, its steps and estimated time, and totals."""
+    from fmnist_core.pipeline.runner import profile_experiments
+    device = device or this_device()
+    times, lines, total_s, unknown, count = step_times(device), [], 0.0, 0, 0
+    for experiment in profile_experiments(profile):
+        jobs = planned_jobs(experiment, profile, results_dir)
+        lines += [f"{experiment}: {len(jobs)} job(s)"] if jobs else []
+        for job in jobs:
+            steps, per_step = job_steps(job), times.get(job_backbone(job))
+            seconds = steps * per_step if per_step is not None else None
+            total_s, unknown, count = total_s + (seconds or 0), unknown + (seconds is None), count + 1
+            done = " (finished)" if job.finished() else ""
+            lines.append(f"  {job.label:<34} {job_backbone(job):<34} {steps:>9,} steps  "
+                         f"{format_hours(seconds) if seconds is not None else 'unknown'}{done}")
+    estimate = format_hours(total_s) + (f" + {unknown} job(s) of unknown cost" if unknown else "")
+    lines.append(f"{count} jobs, ≈ {estimate} on {device} (seconds per step recorded in "
+                 f"{STEP_TIMES.relative_to(PROJECT_ROOT)}; `python bench/step_times.py RUN_DIR` records more)")
+    return lines
+
+
+def format_hours(seconds: float) -> str:
+    return f"{seconds / 3600:,.1f} device-hours" if seconds >= 3600 else f"{seconds:,.0f} s"
+
+
+def cmd_plan(args) -> int:
+    """``fmnist-book plan --profile P``."""
+    for line in plan_lines(args.profile, args.results_dir, args.device):
+        print(line)
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="list the jobs of a profile and estimate their cost")
+    plan.add_argument("--profile", default="quick")
+    plan.add_argument("--device", default=None, help="the device to estimate for (default: this machine's)")
+
+
+# ----------------------------------------------------------------------------------------- status
+def job_state(job: Job, slurm_state: str | None = None) -> str:
+    """done | running | queued | failed | stopped (started, no longer running) | not started."""
+    from fmnist_core.pipeline.slurm import ACTIVE
+    if job.finished():
+        return "done"
+    if (job.out_dir / FAILED_FILE).exists():
+        return "failed"
+    if slurm_state is not None:
+        if slurm_state in ACTIVE:
+            return "running" if slurm_state == "RUNNING" else "queued"
+        return "failed" if slurm_state != "UNKNOWN" else "stopped"
+    return _local_state(job.out_dir / STARTED_FILE)
+
+
+def _local_state(started: Path) -> str:
+    if not started.exists():
+        return "not started"
+    try:
+        record = read_json(started)
+    except FmnistBookError:
+        return "stopped"
+    if record.get("host") != socket.gethostname():
+        return "running"  # another node: only its marker files tell
+    try:
+        os.kill(int(record["pid"]), 0)
+        return "running"
+    except (OSError, KeyError, ValueError):
+        return "stopped"
+
+
+def job_status_lines(profile: str, results_dir) -> list[str]:
+    """Per study: how many jobs are done, running, queued, failed, stopped or not started; the failed ones
+    with their log, the running ones with their progress when they report it."""
+    from fmnist_core.pipeline.runner import profile_experiments
+    lines = []
+    for experiment in profile_experiments(profile):
+        jobs = planned_jobs(experiment, profile, results_dir)
+        if not jobs:
+            continue
+        slurm = _slurm_states(Path(results_dir).resolve() / profile / ".slurm" / experiment, jobs)
+        states = {job.label: job_state(job, slurm.get(str(job.out_dir))) for job in jobs}
+        counts = {s: list(states.values()).count(s) for s in
+                  ("done", "running", "queued", "failed", "stopped", "not started")}
+        lines.append(f"  {experiment} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+        lines += [_job_line(job, states[job.label]) for job in jobs if states[job.label] in ("running", "failed")]
+    return lines
+
+
+def _job_line(job: Job, state: str) -> str:
+    if state == "failed":
+        error = read_json(job.out_dir / FAILED_FILE).get("error", "") if (job.out_dir / FAILED_FILE).exists() else ""
+        return f"    {job.label}: failed {error} (log: {job_log(job.out_dir)})"
+    progress = job.out_dir / PROGRESS_FILE
+    try:
+        p = read_json(progress) if progress.exists() else None
+    except FmnistBookError:
+        p = None
+    detail = f" step {p.get('step')}/{p.get('steps')}, eta {p.get('eta_s')} s" if isinstance(p, dict) else ""
+    return f"    {job.label}: running{detail}"
+
+
+def _slurm_states(folder: Path, jobs: list[Job]) -> dict[str, str]:
+    """job folder -> Slurm state, for the jobs submitted to Slurm (none when Slurm cannot be asked)."""
+    from fmnist_core.pipeline.slurm import read_record, slurm_states
+    record = read_record(folder)
+    ids = {str(j.out_dir): record[str(j.out_dir)] for j in jobs if str(j.out_dir) in record}
+    try:
+        states = slurm_states(sorted(set(ids.values())))
+    except FmnistBookError:
+        return {}
+    return {folder_: states.get(slurm_id, "UNKNOWN") for folder_, slurm_id in ids.items()}
