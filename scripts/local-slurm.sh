@@ -122,6 +122,9 @@ start_mariadb() {
 up() {
   [ "$(id -u)" = 0 ] || die "needs root (it installs packages and starts munged as the munge user)"
   [ -d "$DIR/pids" ] && { echo "local-slurm: stopping the leftovers of an earlier cluster in $DIR"; down; }
+  for port in 6817 6818 6819 "$DB_PORT"; do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && die "port $port is in use (another Slurm or MariaDB on this machine?)"
+  done
   install_packages
   mkdir -p "$DIR"/{etc,state,spool,log,run,pids}
   chmod 755 "$DIR"

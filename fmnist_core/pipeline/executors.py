@@ -17,75 +17,15 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_core.core.errors import ConfigError, RunError
-from fmnist_core.core.io import PROJECT_ROOT, read_json
-from fmnist_core.core.jobs import FAILED_FILE, Job, prepare_job
+from fmnist_core.core.io import PROJECT_ROOT
+from fmnist_core.core.jobs import Job, prepare_job
 from fmnist_core.pipeline.experiments import get_experiment
+from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, worker_command, worker_env
 
 EXECUTORS = ("inline", "local", "slurm")
-
-
-@dataclass
-class JobFailure:
-    """A job that ended without finishing: its study, label, folder, log and what went wrong."""
-
-    study: str
-    label: str
-    job_dir: Path
-    log: Path
-    error: str
-
-    def describe(self) -> str:
-        return f"job {self.study}/{self.label} failed: {self.error} (log: {self.log})"
-
-
-def job_log(job_dir) -> Path:
-    """Where a worker's output goes: ``<job folder>.log``, beside the folder (which the job may clear)."""
-    job_dir = Path(job_dir)
-    return job_dir.with_name(job_dir.name + ".log")
-
-
-def worker_command(job_dir) -> list[str]:
-    """The command that runs one planned job in a fresh process."""
-    return [sys.executable, "-m", "fmnist_core.core.jobs", str(job_dir)]
-
-
-def worker_env(gpu: str | None = None) -> dict:
-    """This process's environment, with this project first on ``PYTHONPATH`` (a worker imports the code that
-    planned its job) and, for ``gpu``, ``CUDA_VISIBLE_DEVICES`` pinned to it."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    return env
-
-
-def failure_reason(job_dir, fallback: str) -> str:
-    """What the worker recorded in ``failed.json``, else the last line of its log, else ``fallback``."""
-    marker = Path(job_dir) / FAILED_FILE
-    try:
-        if marker.exists():
-            return read_json(marker)["error"]
-    except (RunError, KeyError, ValueError):
-        pass
-    lines = job_log(job_dir).read_text(errors="replace").strip().splitlines() if job_log(job_dir).exists() else []
-    return f"{fallback}: {lines[-1]}" if lines else fallback
-
-
-def run_worker(job_dir, gpu: str | None = None) -> None:
-    """Run one planned job in a fresh process, its output appended to its log; raise if it did not finish."""
-    log_path = job_log(job_dir)
-    with open(log_path, "ab") as log:
-        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job_dir))}\n".encode())
-        log.flush()
-        code = subprocess.run(worker_command(job_dir), stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu),
-                              cwd=PROJECT_ROOT).returncode
-    if code != 0:
-        raise RunError(failure_reason(job_dir, f"exit status {code}") + f" (log: {log_path})")
 
 
 # ---------------------------------------------------------------------------------------- local pool

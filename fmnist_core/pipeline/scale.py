@@ -13,7 +13,7 @@ from fmnist_core.core.data import TRAIN_IMAGES
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
 from fmnist_core.core.jobs import FAILED_FILE, STARTED_FILE, Job
-from fmnist_core.pipeline.executors import job_log
+from fmnist_core.pipeline.workers import job_log
 from fmnist_core.pipeline.experiments import get_experiment
 
 STEP_TIMES = PROJECT_ROOT / "bench" / "results" / "step_times.json"
@@ -22,15 +22,24 @@ PROGRESS_FILE = "progress.json"
 
 def planned_jobs(experiment: str, profile: str, results_dir) -> list[Job]:
     """The jobs of ``experiment`` in ``profile``, planned where its run keeps them (nothing is written): the
-    run folder in progress (``<experiment>.partial``) if there is one, else the finished one."""
+    run in progress (``<experiment>.partial``, with the parameters it was started with) if there is one, else
+    the finished one, else the profile's parameters."""
     from fmnist_core.pipeline.runner import resolve_params
     exp = get_experiment(experiment)
     if exp.plan is None:
         return []
     final = Path(results_dir).resolve() / profile / experiment
     partial = final.with_name(final.name + ".partial")
-    cfg = exp.config.from_overrides(resolve_params(experiment, profile), where=experiment)
-    return exp.plan(cfg, partial if partial.exists() else final)
+    run_dir = partial if partial.exists() else final
+    params = resolve_params(experiment, profile)
+    for record in (run_dir / "run.json", run_dir / "env.json"):
+        try:
+            if record.exists():
+                params = read_json(record)["params"]
+                break
+        except (FmnistBookError, KeyError):
+            continue
+    return exp.plan(exp.config.from_overrides(params, where=experiment), run_dir)
 
 
 # ------------------------------------------------------------------------------------------- cost
@@ -53,11 +62,12 @@ def job_backbone(job: Job) -> str:
 
 
 def this_device() -> str:
-    """The device name the step times of this machine are recorded under (a CUDA GPU's name, or CPU)."""
+    """This machine's device as a run's ``env.json`` names it (a CUDA GPU's name, or the CPU and its cores):
+    the name step times are recorded under."""
     import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {platform.machine()} x{os.cpu_count()}"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def step_times(device: str, path: Path = STEP_TIMES) -> dict[str, float]:

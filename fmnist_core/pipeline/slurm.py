@@ -19,7 +19,7 @@ from pathlib import Path
 from fmnist_core.core.errors import ConfigError, RunError
 from fmnist_core.core.io import read_json, write_json
 from fmnist_core.core.jobs import Job
-from fmnist_core.pipeline.executors import JobFailure, failure_reason, job_log, run_worker, worker_env
+from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, run_worker, worker_env
 
 RECORD = "submitted.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",

@@ -1,0 +1,199 @@
+"""Executors: jobs run in local worker processes or on a real (private, one-node) Slurm give the same bytes as
+inline; a failing job is named with its log while the others finish; a job cancelled mid-run is submitted
+again by the next command and resumes from its checkpoint to the same numbers.
+
+The Slurm tests need root on Debian (the fixture installs Debian's Slurm, munge and MariaDB packages with
+apt-get when they are missing and starts the daemons itself); elsewhere they are skipped, saying why.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fmnist_core.chapters.classification import ClassificationConfig
+from fmnist_core.chapters.classification import plan_jobs as plan_classification
+from fmnist_core.chapters.fixmatch.study import FixMatchStudyConfig
+from fmnist_core.chapters.fixmatch.study import plan_jobs as plan_fixmatch
+from fmnist_core.core.jobs import Job, prepare_job, run_job
+from fmnist_core.pipeline.executors import LocalExecutor, job_log, waves
+from fmnist_core.pipeline.runner import load_profiles
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "local-slurm.sh"
+CLI = [sys.executable, "-m", "fmnist_core.pipeline.cli"]
+QUIET = dict(log=lambda *_: None)
+
+
+@pytest.fixture
+def tests_importable(monkeypatch):
+    """Workers import ``flaky_jobs`` (it registers the ``flaky`` kind) from this folder."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+
+
+def flaky_jobs(folder: Path) -> list[Job]:
+    from flaky_jobs import FlakyConfig
+    jobs = [Job("flaky", FlakyConfig(seed=s, fail=s == 1), folder / f"job{s}") for s in range(3)]
+    for job in jobs:
+        job.out_dir.mkdir(parents=True)
+        prepare_job(job)
+    return jobs
+
+
+def assert_one_named_failure(failures, jobs):
+    [failure] = failures
+    assert failure.label == "job1" and failure.log == job_log(jobs[1].out_dir) and failure.log.exists()
+    assert "job asked to fail (seed 1)" in failure.error and "job asked to fail" in failure.log.read_text()
+    assert jobs[0].finished() and jobs[2].finished() and not jobs[1].finished()
+
+
+def test_a_failing_local_job_is_named_with_its_log_while_the_others_finish(tmp_path, tests_importable):
+    jobs = flaky_jobs(tmp_path)
+    assert_one_named_failure(LocalExecutor(workers=2).run({"toy": jobs}, **QUIET), jobs)
+
+
+def test_experiments_wait_for_the_runs_they_require():
+    assert waves(["dataset", "classification", "layerwise", "fixmatch"]) == [
+        ["dataset", "classification", "fixmatch"], ["layerwise"]]
+
+
+# --------------------------------------------------------------------------- same bytes as inline
+SMALL_CLASSIFICATION = {"models": ["mlp", "lenet_avg"], "sgd_model": "", "budget_limited": []}
+
+
+def smoke_params(experiment: str, **overrides) -> dict:
+    return {**(load_profiles()["smoke"]["experiments"][experiment] or {}), **overrides}
+
+
+def assert_same_job_bytes(jobs: list[Job], reference_dir: Path):
+    """Each job's metrics.json equals the inline one of the smoke book (same relative folder)."""
+    assert jobs
+    for job in jobs:
+        inline = reference_dir / job.out_dir.parent.name / job.out_dir.name / "metrics.json"
+        assert (job.out_dir / "metrics.json").read_bytes() == inline.read_bytes(), job.label
+
+
+def classification_jobs(run_dir: Path) -> list[Job]:
+    cfg = ClassificationConfig.from_overrides(smoke_params("classification", **SMALL_CLASSIFICATION))
+    return plan_classification(cfg, run_dir)
+
+
+def run_cli(results: Path, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + ["--results-dir", str(results), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+def assert_gathered_only(run_dir: Path, experiment: str):
+    """The notebook found every job finished: it shows no training step."""
+    outputs = json.dumps([c.get("outputs") for c in json.loads((run_dir / f"{experiment}.ipynb").read_text())["cells"]])
+    assert "step 4/4" not in outputs and "epoch 1/1" not in outputs
+
+
+def test_local_workers_give_the_inline_bytes(smoke_book, tmp_path):
+    results = tmp_path / "results"
+    done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "local", "--workers", "2")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "local: 3 job(s) of fixmatch" in done.stdout
+    run_dir = results / "smoke" / "fixmatch"
+    assert_gathered_only(run_dir, "fixmatch")
+    assert_same_job_bytes(plan_fixmatch(FixMatchStudyConfig.from_overrides(smoke_params("fixmatch")), run_dir),
+                          smoke_book[0] / "fixmatch")
+    jobs = classification_jobs(tmp_path / "classification")
+    for job in jobs:
+        job.out_dir.mkdir(parents=True)
+        prepare_job(job)
+    assert LocalExecutor(workers=2).run({"classification": jobs}, **QUIET) == []
+    assert_same_job_bytes(jobs, smoke_book[0] / "classification")
+
+
+# --------------------------------------------------------------------------------------- real Slurm
+@pytest.fixture(scope="module")
+def local_slurm(tmp_path_factory):
+    """A private one-node Slurm (with accounting), up for this module's tests, then stopped and wiped."""
+    if os.geteuid() != 0 or not shutil.which("apt-get") or not shutil.which("dpkg"):
+        pytest.skip("a private Slurm needs root on Debian (apt-get, setpriv, munge user): not this machine")
+    state = Path("/tmp/fmnist-slurm-test")  # fixed: `up` finds and stops the leftovers of a killed session
+    env = {**os.environ, "FMNIST_SLURM_DIR": str(state)}
+    up = subprocess.run(["bash", str(SCRIPT), "up"], capture_output=True, text=True, env=env, timeout=600)
+    assert up.returncode == 0, up.stdout + up.stderr
+    conf = str(state / "etc" / "slurm.conf")
+    previous, os.environ["SLURM_CONF"] = os.environ.get("SLURM_CONF"), conf
+    yield conf
+    subprocess.run(["bash", str(SCRIPT), "down"], capture_output=True, text=True, env=env, timeout=120)
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def slurm_executor(folder: Path):
+    from fmnist_core.pipeline.slurm import SlurmExecutor, SlurmOptions
+    return SlurmExecutor(SlurmOptions(time=30), folder, poll_s=0.3)
+
+
+def test_a_failing_slurm_job_is_named_with_its_log_while_the_others_finish(tmp_path, local_slurm,
+                                                                           tests_importable):
+    jobs = flaky_jobs(tmp_path / "jobs")
+    failures = slurm_executor(tmp_path / ".slurm").run({"toy": jobs}, **QUIET)
+    assert_one_named_failure(failures, jobs)
+    assert "Slurm job" in failures[0].error and str(tmp_path / ".slurm" / "toy") in failures[0].error
+
+
+def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slurm):
+    results = tmp_path / "results"
+    done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "slurm")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "submitted 3 job(s) as array" in done.stdout
+    run_dir = results / "smoke" / "fixmatch"
+    assert_gathered_only(run_dir, "fixmatch")
+    assert_same_job_bytes(plan_fixmatch(FixMatchStudyConfig.from_overrides(smoke_params("fixmatch")), run_dir),
+                          smoke_book[0] / "fixmatch")
+    assert (run_dir / "runs" / "fixmatch_n40_s0.log").exists()  # the job's log, beside its folder
+    jobs = classification_jobs(tmp_path / "classification")
+    for job in jobs:
+        job.out_dir.mkdir(parents=True)
+        prepare_job(job)
+    assert slurm_executor(tmp_path / ".slurm").run({"classification": jobs}, **QUIET) == []
+    assert_same_job_bytes(jobs, smoke_book[0] / "classification")
+
+
+LONG_FIXMATCH = ["-p", "steps", "60", "-p", "checkpoint_every", "3", "-p", "eval_every", "0", "-p", "log_every", "3",
+                 "-p", "ceiling_labels", "0"]
+
+
+def test_a_cancelled_slurm_job_is_submitted_again_and_resumes_to_the_same_numbers(tmp_path, local_slurm):
+    from fmnist_core.pipeline.slurm import read_record
+    results = tmp_path / "results"
+    command = CLI + ["--results-dir", str(results), "run", "fixmatch", "--profile", "smoke", "--executor", "slurm",
+                     *LONG_FIXMATCH]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_dir = results / "smoke" / "fixmatch.partial" / "runs" / "fixmatch_n40_s0"
+    deadline = time.time() + 300
+    while not (job_dir / "last.pt").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    assert (job_dir / "last.pt").exists() and not (job_dir / "done.json").exists(), first.communicate()[0]
+    slurm_id = read_record(results / "smoke" / ".slurm" / "fixmatch")[str(job_dir)]
+    subprocess.run(["scancel", slurm_id], check=True)
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 1, output
+    assert "job fixmatch/fixmatch_n40_s0 failed" in output and "CANCELLED" in output and str(job_log(job_dir)) in output
+    other = job_dir.with_name("supervised-only_n40_s0")
+    assert (other / "done.json").exists()  # the other job of the array carried on
+    status = run_cli(results, "status", "--profile", "smoke")
+    assert "fixmatch jobs: 1 done, 1 failed" in status.stdout, status.stdout
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "submitted 1 job(s)" in again.stdout
+    run_dir = results / "smoke" / "fixmatch"
+    resumed = run_dir / "runs" / "fixmatch_n40_s0"
+    assert "resuming from" in job_log(resumed).read_text()
+    params = smoke_params("fixmatch", **{k: int(v) for k, v in zip(LONG_FIXMATCH[1::3], LONG_FIXMATCH[2::3])})
+    [inline] = [j for j in plan_fixmatch(FixMatchStudyConfig.from_overrides(params), tmp_path / "inline")
+                if j.label == "fixmatch_n40_s0"]
+    run_job(inline, **QUIET)
+    assert (resumed / "metrics.json").read_bytes() == (inline.out_dir / "metrics.json").read_bytes()
