@@ -5,11 +5,13 @@ again by the next command and resumes from its checkpoint to the same numbers.
 The Slurm tests need root on Debian (the fixture installs Debian's Slurm, munge and MariaDB packages with
 apt-get when they are missing and starts the daemons itself); elsewhere they are skipped, saying why.
 """
+import _thread
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,6 +143,36 @@ def test_a_failing_slurm_job_is_named_with_its_log_while_the_others_finish(tmp_p
     failures = slurm_executor(tmp_path / ".slurm").run({"toy": jobs}, **QUIET)
     assert_one_named_failure(failures, jobs)
     assert "Slurm job" in failures[0].error and str(tmp_path / ".slurm" / "toy") in failures[0].error
+
+
+def test_ctrl_c_leaves_the_slurm_jobs_running_and_says_how_to_reattach(tmp_path, local_slurm, tests_importable):
+    from flaky_jobs import FlakyConfig
+    from fmnist_core.pipeline.slurm import read_record, slurm_states
+    job = Job("flaky", FlakyConfig(sleep=60), tmp_path / "jobs" / "slow")
+    job.out_dir.mkdir(parents=True)
+    prepare_job(job)
+    said = []
+    def interrupt_once_submitted():
+        while not (tmp_path / ".slurm" / "toy" / "submitted.json").exists():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        _thread.interrupt_main()
+    threading.Thread(target=interrupt_once_submitted, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        slurm_executor(tmp_path / ".slurm").run({"toy": [job]}, log=said.append)
+    slurm_id = read_record(tmp_path / ".slurm" / "toy")[str(job.out_dir)]
+    try:
+        assert slurm_states([slurm_id])[slurm_id] in ("PENDING", "RUNNING")
+        assert "keep running" in said[-1] and "Re-attach with" in said[-1] and "scancel" in said[-1]
+    finally:
+        subprocess.run(["scancel", slurm_id.split("_")[0]])
+
+
+def test_plan_lists_the_jobs_of_a_profile_with_their_cost(tmp_path):
+    done = run_cli(tmp_path, "plan", "--profile", "smoke")
+    assert done.returncode == 0, done.stderr
+    assert "fixmatch: 3 job(s)" in done.stdout and "fixmatch_n40_s0" in done.stdout
+    assert "18 jobs: " in done.stdout and "unknown" in done.stdout
 
 
 def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slurm):

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from fmnist_core.core.errors import ConfigError, RunError
-from fmnist_core.core.io import PROJECT_ROOT
-from fmnist_core.core.jobs import Job, prepare_job
+from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
+from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.jobs import JOB_FILE, Job, prepare_job
 from fmnist_core.pipeline.experiments import get_experiment
 from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, worker_command, worker_env
 
@@ -120,8 +120,17 @@ def plan_study(experiment: str, profile: str, overrides=None, force=False, resul
             if not job.finished()]
     for job in jobs:
         job.out_dir.mkdir(parents=True, exist_ok=True)
-        prepare_job(job)
+        if planned_key(job.out_dir) != job.key():  # a folder already planned may have a worker: left alone
+            prepare_job(job)
     return jobs
+
+
+def planned_key(job_dir: Path) -> str | None:
+    """The key in ``job_dir/job.json``, or ``None``."""
+    try:
+        return read_json(job_dir / JOB_FILE).get("key") if (job_dir / JOB_FILE).exists() else None
+    except FmnistBookError:
+        return None
 
 
 def waves(experiments: list[str]) -> list[list[str]]:

@@ -58,7 +58,7 @@ def job_backbone(job: Job) -> str:
     """``<kind>/<network>/b<batch>``: what a recorded seconds-per-step figure is looked up by."""
     cfg = job.config
     network = getattr(cfg, "backbone", None) or getattr(cfg, "model", None) or f"z{getattr(cfg, 'latent_dim', '')}"
-    return f"{job.kind}/{network}/b{cfg.batch_size}"
+    return f"{job.kind}/{network}/b{cfg.batch_size}" + (f"/mu{cfg.mu}" if hasattr(cfg, "mu") else "")
 
 
 def this_device() -> str:
@@ -71,11 +71,24 @@ def this_device() -> str:
 
 
 def step_times(device: str, path: Path = STEP_TIMES) -> dict[str, float]:
-    """Recorded seconds per step on ``device`` (``bench/step_times.py`` records them), by :func:`job_backbone`."""
+    """Recorded seconds per step on ``device``, by :func:`job_backbone`: from ``bench/step_times.py``'s record
+    and from the FixMatch step benchmarks (``bench/results/fixmatch*.json``)."""
+    times = {}
+    for bench in sorted(Path(path).parent.glob("fixmatch*.json")):
+        try:
+            record = read_json(bench)
+            args, rate = record["args"], record["device_resident"]["steps_per_s"]
+            name = (f"CPU ({platform.machine()}, {record['cpu_count']} cores)" if record["device_type"] == "cpu"
+                    else record["device"])
+        except (FmnistBookError, KeyError, TypeError):
+            continue
+        if name == device:
+            times[f"fixmatch/{args['backbone']}/b{args['batch_size']}/mu{args['mu']}"] = 1.0 / rate
     try:
-        return read_json(path).get("devices", {}).get(device, {}) if Path(path).exists() else {}
+        recorded = read_json(path).get("devices", {}).get(device, {}) if Path(path).exists() else {}
     except FmnistBookError:
-        return {}
+        recorded = {}
+    return {**times, **{key: figure["s_per_step"] for key, figure in recorded.items()}}
 
 
 def plan_lines(profile: str, results_dir, device: str | None = None) -> list[str]:
@@ -93,9 +106,10 @@ def plan_lines(profile: str, results_dir, device: str | None = None) -> list[str
             done = " (finished)" if job.finished() else ""
             lines.append(f"  {job.label:<34} {job_backbone(job):<34} {steps:>9,} steps  "
                          f"{format_hours(seconds) if seconds is not None else 'unknown'}{done}")
-    estimate = format_hours(total_s) + (f" + {unknown} job(s) of unknown cost" if unknown else "")
-    lines.append(f"{count} jobs, ≈ {estimate} on {device} (seconds per step recorded in "
-                 f"{STEP_TIMES.relative_to(PROJECT_ROOT)}; `python bench/step_times.py RUN_DIR` records more)")
+    known = f"≈ {format_hours(total_s)} for {count - unknown} job(s) on {device}" if count > unknown else ""
+    lines.append(f"{count} jobs: " + "; ".join(filter(None, [known, f"{unknown} of unknown cost" if unknown else ""]))
+                 + f" (seconds per step as recorded in {STEP_TIMES.parent.relative_to(PROJECT_ROOT)}/; "
+                   "`python bench/step_times.py RUN_DIR` records those of finished jobs)")
     return lines
 
 
@@ -122,11 +136,11 @@ def job_state(job: Job, slurm_state: str | None = None) -> str:
     from fmnist_core.pipeline.slurm import ACTIVE
     if job.finished():
         return "done"
+    if slurm_state in ACTIVE:  # a failed job submitted again is queued
+        return "running" if slurm_state == "RUNNING" else "queued"
     if (job.out_dir / FAILED_FILE).exists():
         return "failed"
     if slurm_state is not None:
-        if slurm_state in ACTIVE:
-            return "running" if slurm_state == "RUNNING" else "queued"
         return "failed" if slurm_state != "UNKNOWN" else "stopped"
     return _local_state(job.out_dir / STARTED_FILE)
 
