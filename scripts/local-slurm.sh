@@ -10,6 +10,8 @@
 # the MariaDB database live in FMNIST_SLURM_DIR (default /tmp/fmnist-slurm); `down` wipes them together, or
 # job ids would restart against an old database. Ports 6817-6819 (Slurm) and the munge socket are fixed, so one
 # such cluster runs per machine; MariaDB listens on FMNIST_SLURM_DB_PORT (default 3407) on 127.0.0.1 only.
+# A requeued job (a preemption, a time limit) waits cred_expire seconds before it may start again: 5 here
+# instead of Slurm's 120, so that the tests see it resume in seconds.
 set -euo pipefail
 
 DIR=${FMNIST_SLURM_DIR:-/tmp/fmnist-slurm}
@@ -55,6 +57,7 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=5
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$DIR/state
@@ -69,7 +72,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 MpiDefault=none
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819

@@ -193,28 +193,34 @@ def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slur
     assert_same_job_bytes(jobs, smoke_book[0] / "classification")
 
 
-LONG_FIXMATCH = ["-p", "steps", "60", "-p", "checkpoint_every", "3", "-p", "eval_every", "0", "-p", "log_every", "3",
-                 "-p", "ceiling_labels", "0"]
+LONG_FIXMATCH = ["-p", "steps", "400", "-p", "checkpoint_every", "5", "-p", "eval_every", "0", "-p", "log_every",
+                 "5", "-p", "ceiling_labels", "0"]
 
 
-def test_a_cancelled_slurm_job_is_submitted_again_and_resumes_to_the_same_numbers(tmp_path, local_slurm):
+def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path, local_slurm):
+    """One job is preempted (Slurm's warning signal): submitit requeues it and it resumes in the same command.
+    The other is cancelled: it is named as failed while the first finishes, and the next command submits it
+    again; it resumes too. Both end with the bytes of an uninterrupted inline run."""
     from fmnist_core.pipeline.slurm import read_record
     results = tmp_path / "results"
     command = CLI + ["--results-dir", str(results), "run", "fixmatch", "--profile", "smoke", "--executor", "slurm",
                      *LONG_FIXMATCH]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    job_dir = results / "smoke" / "fixmatch.partial" / "runs" / "fixmatch_n40_s0"
+    runs = results / "smoke" / "fixmatch.partial" / "runs"
+    preempted, cancelled = runs / "fixmatch_n40_s0", runs / "supervised-only_n40_s0"
     deadline = time.time() + 300
-    while not (job_dir / "last.pt").exists() and time.time() < deadline and first.poll() is None:
-        time.sleep(0.1)
-    assert (job_dir / "last.pt").exists() and not (job_dir / "done.json").exists(), first.communicate()[0]
-    slurm_id = read_record(results / "smoke" / ".slurm" / "fixmatch")[str(job_dir)]
-    subprocess.run(["scancel", slurm_id], check=True)
+    while not all((d / "last.pt").exists() for d in (preempted, cancelled)) and time.time() < deadline:
+        assert first.poll() is None, first.communicate()[0]
+        time.sleep(0.05)
+    record = read_record(results / "smoke" / ".slurm" / "fixmatch")
+    subprocess.run(["scancel", "--signal=USR2", record[str(preempted)]], check=True)
+    subprocess.run(["scancel", record[str(cancelled)]], check=True)
+    assert not (preempted / "done.json").exists() and not (cancelled / "done.json").exists()
     output, _ = first.communicate(timeout=600)
     assert first.returncode == 1, output
-    assert "job fixmatch/fixmatch_n40_s0 failed" in output and "CANCELLED" in output and str(job_log(job_dir)) in output
-    other = job_dir.with_name("supervised-only_n40_s0")
-    assert (other / "done.json").exists()  # the other job of the array carried on
+    assert "job fixmatch/supervised-only_n40_s0 failed" in output and "CANCELLED" in output, output
+    assert str(job_log(cancelled)) in output
+    assert (preempted / "done.json").exists() and "resuming from" in job_log(preempted).read_text()
     status = run_cli(results, "status", "--profile", "smoke")
     assert "fixmatch jobs: 1 done, 1 failed" in status.stdout, status.stdout
 
@@ -222,10 +228,10 @@ def test_a_cancelled_slurm_job_is_submitted_again_and_resumes_to_the_same_number
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "submitted 1 job(s)" in again.stdout
     run_dir = results / "smoke" / "fixmatch"
-    resumed = run_dir / "runs" / "fixmatch_n40_s0"
-    assert "resuming from" in job_log(resumed).read_text()
+    assert "resuming from" in job_log(run_dir / "runs" / cancelled.name).read_text()
     params = smoke_params("fixmatch", **{k: int(v) for k, v in zip(LONG_FIXMATCH[1::3], LONG_FIXMATCH[2::3])})
-    [inline] = [j for j in plan_fixmatch(FixMatchStudyConfig.from_overrides(params), tmp_path / "inline")
-                if j.label == "fixmatch_n40_s0"]
-    run_job(inline, **QUIET)
-    assert (resumed / "metrics.json").read_bytes() == (inline.out_dir / "metrics.json").read_bytes()
+    inline = plan_fixmatch(FixMatchStudyConfig.from_overrides(params), tmp_path / "inline")
+    assert [j.label for j in inline] == [preempted.name, cancelled.name]
+    for job in inline:
+        run_job(job, **QUIET)
+        assert (run_dir / "runs" / job.label / "metrics.json").read_bytes() == (job.out_dir / "metrics.json").read_bytes()

@@ -14,6 +14,7 @@ file lock, so the results folder may be on a filesystem shared by many nodes. A 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -102,7 +103,7 @@ def make_executor(args, profile: str, results_dir: Path):
 
 def reattach_command(args) -> str:
     """The command line that was given (running it again re-attaches to the jobs it submitted)."""
-    return "fmnist-book " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"fmnist-book {args.command} ..."
+    return "fmnist-book " + shlex.join(sys.argv[1:]) if sys.argv[1:] else f"fmnist-book {args.command} ..."
 
 
 def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None) -> list[Job]:

@@ -3,6 +3,7 @@ output in ``<job folder>.log`` beside its folder, and how a job that did not fin
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +69,13 @@ def run_worker(job_dir, gpu: str | None = None) -> None:
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job_dir))}\n".encode())
         log.flush()
+        # Slurm signals every process of a task before preempting it or at its time limit (SIGUSR2, submitit's
+        # cue to requeue it); the job itself ignores it and is stopped only when the task exits.
         code = subprocess.run(worker_command(job_dir), stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu),
-                              cwd=PROJECT_ROOT).returncode
+                              cwd=PROJECT_ROOT, preexec_fn=_ignore_checkpoint_signal).returncode
     if code != 0:
         raise RunError(failure_reason(job_dir, f"exit status {code}") + f" (log: {log_path})")
+
+
+def _ignore_checkpoint_signal() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
