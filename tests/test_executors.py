@@ -47,6 +47,7 @@ def flaky_jobs(folder: Path) -> list[Job]:
 
 
 def assert_one_named_failure(failures, jobs):
+    assert len(failures) == 1, failures
     [failure] = failures
     assert failure.label == "job1" and failure.log == job_log(jobs[1].out_dir) and failure.log.exists()
     assert "job asked to fail (seed 1)" in failure.error and "job asked to fail" in failure.log.read_text()
@@ -193,8 +194,9 @@ def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slur
     assert_same_job_bytes(jobs, smoke_book[0] / "classification")
 
 
-LONG_FIXMATCH = ["-p", "steps", "400", "-p", "checkpoint_every", "5", "-p", "eval_every", "0", "-p", "log_every",
-                 "5", "-p", "ceiling_labels", "0"]
+# Long enough to be interrupted after its first checkpoint (step 2), short enough to stay cheap.
+LONG_FIXMATCH = ["-p", "steps", "40", "-p", "checkpoint_every", "2", "-p", "eval_every", "0", "-p", "log_every",
+                 "2", "-p", "ceiling_labels", "0"]
 
 
 def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path, local_slurm):
