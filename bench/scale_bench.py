@@ -77,10 +77,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="smoke")
     parser.add_argument("--slurm", action="store_true", help="also measure the Slurm overhead")
+    parser.add_argument("--no-studies", action="store_true", help="only the Slurm overhead")
     args = parser.parse_args()
     record = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    studies = {}
-    for study in ("fixmatch", "semisupervised"):
+    studies = record.get(args.profile, {}).get("studies", {})
+    for study in () if args.no_studies else ("fixmatch", "semisupervised"):
         inline = timed_run(study, args.profile, [])
         local = timed_run(study, args.profile, ["--executor", "local", "--workers", "2"])
         studies[study] = {"inline_s": inline, "local_workers_2_s": local, "local_over_inline": round(local / inline, 3)}
@@ -93,8 +94,9 @@ def main() -> int:
                      "these are indications, to be measured again on an idle machine"}
     if args.slurm:
         entry["slurm"] = slurm_overhead(args.profile)
+        entry["slurm_measured"] = entry["measured"]
         print(entry["slurm"])
-    record[args.profile] = entry
+    record[args.profile] = {**record.get(args.profile, {}), **entry}
     RESULT.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

@@ -96,6 +96,7 @@ def assert_gathered_only(run_dir: Path, experiment: str):
     assert "step 4/4" not in outputs and "epoch 1/1" not in outputs
 
 
+@pytest.mark.slow
 def test_local_workers_give_the_inline_bytes(smoke_book, tmp_path):
     results = tmp_path / "results"
     done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "local", "--workers", "2")
@@ -176,6 +177,7 @@ def test_plan_lists_the_jobs_of_a_profile_with_their_cost(tmp_path):
     assert "18 jobs: " in done.stdout and "unknown" in done.stdout
 
 
+@pytest.mark.slow
 def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slurm):
     results = tmp_path / "results"
     done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "slurm")
@@ -199,6 +201,7 @@ LONG_FIXMATCH = ["-p", "steps", "40", "-p", "checkpoint_every", "2", "-p", "eval
                  "2", "-p", "ceiling_labels", "0"]
 
 
+@pytest.mark.slow
 def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path, local_slurm):
     """One job is preempted (Slurm's warning signal): submitit requeues it and it resumes in the same command.
     The other is cancelled: it is named as failed while the first finishes, and the next command submits it
@@ -219,7 +222,7 @@ def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path,
     subprocess.run(["scancel", record[str(cancelled)]], check=True)
     assert not (preempted / "done.json").exists() and not (cancelled / "done.json").exists()
     output, _ = first.communicate(timeout=600)
-    assert first.returncode == 1, output
+    assert first.returncode == 1, (first.returncode, output)
     assert "job fixmatch/supervised-only_n40_s0 failed" in output and "CANCELLED" in output, output
     assert str(job_log(cancelled)) in output
     assert (preempted / "done.json").exists() and "resuming from" in job_log(preempted).read_text()
