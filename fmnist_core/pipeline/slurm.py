@@ -183,10 +183,22 @@ class SlurmExecutor:
             os.environ.update(saved)
         return [s.job_id for s in submitted]
 
+    def _states(self, job_ids: list[str], log) -> dict[str, str]:
+        """:func:`slurm_states`, asked again for a few minutes while Slurm does not answer."""
+        for attempt in range(int(300 / self.poll_s)):
+            try:
+                return slurm_states(job_ids)
+            except RunError as err:
+                if attempt == 0:
+                    log(f"  Slurm does not answer ({err}); asking again")
+                time.sleep(self.poll_s)
+        raise RunError("Slurm did not answer for 5 minutes; the submitted jobs may still run: "
+                       f"re-attach with {self.reattach}")
+
     def _wait(self, handles: dict, log) -> list[JobFailure]:
         pending, failures, gone, total = dict(handles), [], set(), len(handles)
         while pending:
-            states = slurm_states([h[2] for h in pending.values()])
+            states = self._states([h[2] for h in pending.values()], log)
             for key, (study, job, slurm_id) in list(pending.items()):
                 state = states[slurm_id]
                 if job.finished():
