@@ -73,6 +73,10 @@ def slurm_overhead(profile: str) -> dict:
     return result
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="smoke")
@@ -80,23 +84,27 @@ def main() -> int:
     parser.add_argument("--no-studies", action="store_true", help="only the Slurm overhead")
     args = parser.parse_args()
     record = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    studies = record.get(args.profile, {}).get("studies", {})
-    for study in () if args.no_studies else ("fixmatch", "semisupervised"):
-        inline = timed_run(study, args.profile, [])
-        local = timed_run(study, args.profile, ["--executor", "local", "--workers", "2"])
-        studies[study] = {"inline_s": inline, "local_workers_2_s": local, "local_over_inline": round(local / inline, 3)}
-        print(study, studies[study], flush=True)
-    entry = {"studies": studies, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-             "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                         "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
-             "note": "wall time of `fmnist-book run <study> --profile P` (jobs and notebook) in a fresh results "
-                     "folder; the CPU was shared with other work while measuring (see the load average), so "
-                     "these are indications, to be measured again on an idle machine"}
+    entry = record.get(args.profile, {})
+    entry.update(machine={"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                 note="wall time of `fmnist-book run <study> --profile P` (jobs and notebook) in a fresh results "
+                      "folder; the CPU was shared with other work while measuring (see the load averages), so "
+                      "these are indications, to be measured again on an idle machine")
+    if not args.no_studies:
+        studies, load = {}, [os.getloadavg()[0]]
+        for study in ("fixmatch", "semisupervised"):
+            inline = timed_run(study, args.profile, [])
+            local = timed_run(study, args.profile, ["--executor", "local", "--workers", "2"])
+            studies[study] = {"inline_s": inline, "local_workers_2_s": local,
+                              "local_over_inline": round(local / inline, 3)}
+            load.append(os.getloadavg()[0])
+            print(study, studies[study], flush=True)
+        entry.update(studies=studies, studies_measured=now(), studies_load_average_1min=[round(x, 1) for x in load])
     if args.slurm:
-        entry["slurm"] = slurm_overhead(args.profile)
-        entry["slurm_measured"] = entry["measured"]
+        load = os.getloadavg()[0]
+        entry.update(slurm=slurm_overhead(args.profile), slurm_measured=now(),
+                     slurm_load_average_1min=[round(load, 1), round(os.getloadavg()[0], 1)])
         print(entry["slurm"])
-    record[args.profile] = {**record.get(args.profile, {}), **entry}
+    record[args.profile] = entry
     RESULT.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
