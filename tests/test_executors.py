@@ -59,6 +59,15 @@ def test_a_failing_local_job_is_named_with_its_log_while_the_others_finish(tmp_p
     assert_one_named_failure(LocalExecutor(workers=2).run({"toy": jobs}, **QUIET), jobs)
 
 
+def test_a_job_folder_with_a_live_worker_gets_no_second_one(tmp_path, tests_importable):
+    from fmnist_core.core.io import write_json
+    from fmnist_core.core.jobs import worker_record
+    [job, *_] = flaky_jobs(tmp_path)
+    write_json(job.out_dir / "started.json", worker_record())  # this process stands for an earlier worker
+    [failure] = LocalExecutor(workers=1).run({"toy": [job]}, **QUIET)
+    assert f"already running in process {os.getpid()}" in failure.error and not job_log(job.out_dir).exists()
+
+
 def test_experiments_wait_for_the_runs_they_require():
     assert waves(["dataset", "classification", "layerwise", "fixmatch"]) == [
         ["dataset", "classification", "fixmatch"], ["layerwise"]]

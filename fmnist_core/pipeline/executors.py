@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
-from fmnist_core.core.jobs import JOB_FILE, Job, prepare_job
+from fmnist_core.core.jobs import FAILED_FILE, JOB_FILE, STARTED_FILE, Job, prepare_job
 from fmnist_core.pipeline.experiments import get_experiment
 from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, worker_command, worker_env
 
@@ -44,7 +45,12 @@ class LocalExecutor:
     def run(self, studies: dict[str, list[Job]], log=print) -> list[JobFailure]:
         """Run every job of ``studies`` (study -> unfinished jobs); the failures, the others having finished."""
         queue = [(study, job) for study, jobs in studies.items() for job in jobs]
-        total, running, failures, free = len(queue), {}, [], list(self.slots)
+        busy = [(study, job) for study, job in queue if live_worker(job.out_dir)]
+        queue = [item for item in queue if item not in busy]  # one writer per job folder
+        total, running, free = len(queue), {}, list(self.slots)
+        failures = [JobFailure(study, job.label, job.out_dir, job_log(job.out_dir),
+                               f"already running in process {live_worker(job.out_dir)} (an earlier command's "
+                               "worker): wait for it, or stop it, then run this command again") for study, job in busy]
         try:
             while queue or running:
                 while queue and free:
@@ -85,6 +91,19 @@ class LocalExecutor:
                              failure_reason(job.out_dir, f"exit status {code}"))
         log(f"  [{done}/{total}] {failure.describe()}")
         return [failure]
+
+
+def live_worker(job_dir: Path) -> int | None:
+    """The process id of a worker still running the job in ``job_dir`` on this host (from its
+    ``started.json``), or ``None``."""
+    try:
+        record = read_json(Path(job_dir) / STARTED_FILE) if (Path(job_dir) / STARTED_FILE).exists() else {}
+        if record.get("host") != socket.gethostname() or (Path(job_dir) / FAILED_FILE).exists():
+            return None
+        os.kill(int(record["pid"]), 0)
+        return int(record["pid"])
+    except (FmnistBookError, OSError, KeyError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------- pipeline

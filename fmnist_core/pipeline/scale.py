@@ -13,6 +13,7 @@ from fmnist_core.core.data import TRAIN_IMAGES
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
 from fmnist_core.core.jobs import FAILED_FILE, STARTED_FILE, Job
+from fmnist_core.pipeline.executors import live_worker
 from fmnist_core.pipeline.workers import job_log
 from fmnist_core.pipeline.experiments import get_experiment
 
@@ -149,16 +150,12 @@ def _local_state(started: Path) -> str:
     if not started.exists():
         return "not started"
     try:
-        record = read_json(started)
+        host = read_json(started).get("host")
     except FmnistBookError:
         return "stopped"
-    if record.get("host") != socket.gethostname():
+    if host != socket.gethostname():
         return "running"  # another node: only its marker files tell
-    try:
-        os.kill(int(record["pid"]), 0)
-        return "running"
-    except (OSError, KeyError, ValueError):
-        return "stopped"
+    return "running" if live_worker(started.parent) else "stopped"
 
 
 def job_status_lines(profile: str, results_dir) -> list[str]:
