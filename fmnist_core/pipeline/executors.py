@@ -125,16 +125,16 @@ def reattach_command(args) -> str:
     return "fmnist-book " + shlex.join(sys.argv[1:]) if sys.argv[1:] else f"fmnist-book {args.command} ..."
 
 
-def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None) -> list[Job]:
-    """The unfinished jobs of ``experiment``'s run, planned in its run folder with their ``job.json`` written
-    (none when it has no jobs, is up to date, or waits for a required run)."""
+def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None) -> list[Job] | None:
+    """The unfinished jobs of ``experiment``'s run, planned in its run folder (made ready for the notebook)
+    with their ``job.json`` written; ``None`` when it has no jobs, is up to date, or waits for a required run."""
     from fmnist_core.pipeline.runner import DEFAULT_RESULTS, prepare_run
     exp = get_experiment(experiment)
     if exp.plan is None:
-        return []
+        return None
     prepared = prepare_run(experiment, profile, overrides, force, results_dir or DEFAULT_RESULTS)
     if prepared is None:
-        return []
+        return None
     run_dir, params = prepared
     jobs = [job for job in exp.plan(exp.config.from_overrides(params, where=experiment), run_dir)
             if not job.finished()]
@@ -175,8 +175,8 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
     results = []
     for group in waves(experiments):
-        studies = {e: plan_study(e, profile, overrides, force, results_dir) for e in group}
-        studies = {e: jobs for e, jobs in studies.items() if jobs}
+        planned = {e: plan_study(e, profile, overrides, force, results_dir) for e in group}
+        studies = {e: jobs for e, jobs in planned.items() if jobs}
         if studies:
             log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]")
         failures = executor.run(studies, log) if studies else []
@@ -189,7 +189,7 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
                 continue
             try:
                 results.append(run_experiment(experiment, profile, overrides, force, results_dir, data_dir, log,
-                                              prepared=experiment in studies))
+                                              prepared=planned[experiment] is not None))
             except RunError as err:
                 results.append(RunResult(experiment, "failed", results_dir / profile / experiment, error=str(err)))
     return results
