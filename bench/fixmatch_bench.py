@@ -6,6 +6,10 @@ Run from the project root::
     .venv/bin/python bench/fixmatch_bench.py --device cuda --backbone wrn28_2 --dtype bfloat16 \\
         --out bench/results/fixmatch_cuda.json
 
+The CUDA speed options can be measured one at a time: ``--compile [--compile-mode reduce-overhead]``,
+``--no-channels-last``, ``--no-fused`` (bf16 autocast is ``--dtype bfloat16``); ``--randaugment`` and ``--cutout``
+select the augmentation variants.
+
 Both pipelines train the same seeded model with the same step (the training loop's update around
 ``fmnist_core.chapters.fixmatch.algorithm.FixMatch.batch_loss``: one forward pass over B labeled, mu*B weak and
 mu*B strong images, the FixMatch loss, SGD with Nesterov and the FixMatch schedule, then the EMA update in
@@ -70,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="worker processes of each DataLoader")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--num-labels", type=int, default=40)
+    # The CUDA speed options, one by one (each is the training parameter of the same name; CPU runs ignore them).
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode (e.g. reduce-overhead)")
+    parser.add_argument("--no-channels-last", action="store_true", help="keep the NCHW memory format")
+    parser.add_argument("--no-fused", action="store_true", help="the foreach optimiser instead of the fused one")
+    parser.add_argument("--randaugment", default="authors", help="RandAugment variant: authors | always")
+    parser.add_argument("--cutout", default="fixed", help="Cutout variant: fixed | random")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fixmatch_cpu.json"))
     return parser.parse_args(argv)
 
@@ -145,7 +156,8 @@ def device_pipeline(cfg, ds, labeled_idx, device) -> Pipeline:
     index = torch.as_tensor(labeled_idx, device=device)
     labeled = Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
     unlabeled = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
-    batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, SEED)
+    batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, SEED, False, cfg.randaugment, cfg.cutout,
+                              cfg.weak_padding)
     generator = torch.Generator(device=device).manual_seed(SEED)
     trainer = Trainer(cfg, ds.image_shape, device)
     return Pipeline(lambda i: batches.draw(i, generator), trainer, device)
@@ -244,8 +256,10 @@ def main(argv=None) -> dict:
         raise SystemExit("--rounds must be between 1 and --steps")
     cfg = FixMatchConfig.from_overrides({"backbone": args.backbone, "dataset": args.dataset, "device": args.device,
                                          "dtype": args.dtype, "batch_size": args.batch_size, "mu": args.mu,
-                                         "num_labels": args.num_labels,
-                                         "steps": args.rounds * args.warmup + args.steps})
+                                         "num_labels": args.num_labels, "compile": args.compile,
+                                         "compile_mode": args.compile_mode, "channels_last": not args.no_channels_last,
+                                         "fused": not args.no_fused, "randaugment": args.randaugment,
+                                         "cutout": args.cutout, "steps": args.rounds * args.warmup + args.steps})
     ds = load_dataset(args.dataset, device=device)
     labeled_idx = labeled_indices(ds.train_labels, cfg.num_labels, SEED, ds.num_classes)
     pipelines = {"device_resident": device_pipeline(cfg, ds, labeled_idx, device),

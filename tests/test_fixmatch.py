@@ -14,15 +14,17 @@ from PIL import Image, ImageOps
 
 from fmnist_core.core import loop
 from fmnist_core.core import randaugment as ra
-from fmnist_core.core.data import ImageDataset, Split
+from fmnist_core.core.data import ImageDataset, Split, random_crop
 from fmnist_core.core.errors import ConfigError, RunError
 from fmnist_core.core.io import load_checkpoint, read_json
 from fmnist_core.core.jobs import Job, run_job
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.train import lr_factor, make_schedule
+from fmnist_core.chapters.fixmatch import study
+from fmnist_core.pipeline.runner import resolve_params
 from fmnist_core.chapters.fixmatch.algorithm import (EMA, EpochStream, FixMatch, FixMatchBatches, FixMatchConfig,
-                                                     fixmatch_loss, labeled_indices, train_fixmatch)
+                                                     fixmatch_loss, labeled_indices, median_of_last, train_fixmatch)
 
 CLASSES = tuple(f"class {i}" for i in range(10))
 
@@ -166,7 +168,52 @@ def test_cutout_fills_a_grey_square_of_at_most_half_the_side():
     out = ra.cutout(x, torch.Generator().manual_seed(0), size=0.5)
     filled = (out == 0.5).flatten(1).sum(1)
     assert filled.min() >= 1 and filled.max() <= 14 * 14
+    assert filled.float().median() < 14 * 14 / 2  # sides spread over 1..14
     assert torch.all((out == 0) | (out == 0.5))
+
+
+def test_fixed_cutout_is_a_square_of_half_the_side_clipped_only_at_the_border():
+    x = torch.zeros(400, 1, 28, 28)
+    out = ra.cutout(x, torch.Generator().manual_seed(0), size=0.5, fixed=True)
+    mask = out[:, 0] == 0.5
+    rows, cols = mask.any(2).sum(1), mask.any(1).sum(1)
+    assert torch.equal(mask.flatten(1).sum(1), rows * cols)  # one rectangle per image
+    for covered, extent in ((mask.any(2), rows), (mask.any(1), cols)):
+        first, last = covered.float().argmax(1), 27 - covered.flip(1).float().argmax(1)
+        assert torch.all((extent == 14) | (first == 0) | (last == 27))  # 14 px unless cut by the border
+    assert rows.max() == cols.max() == 14
+    # Centres uniform over the 28 x 28 pixels: the whole square fits for 15 of 28 rows and of 28 columns.
+    assert ((rows == 14) & (cols == 14)).float().mean() == pytest.approx((15 / 28) ** 2, abs=0.06)
+    assert torch.all((out == 0) | (out == 0.5))
+
+
+def test_the_authors_randaugment_skips_each_operation_half_the_time_and_draws_levels():
+    g = torch.Generator().manual_seed(0)
+    ops, _ = ra.draw_ops(20000, g, "cpu", torch.float32)
+    skipped, u = ra.draw_ops(20000, g, "cpu", torch.float32, prob=0.5, levels=10)
+    identity = ra.OP_NAMES.index("Identity")
+    assert (ops == identity).float().mean() == pytest.approx(1 / 14, abs=0.01)
+    assert (skipped == identity).float().mean() == pytest.approx(0.5 + 0.5 / 14, abs=0.015)
+    brightness, rotate = ra.OP_NAMES.index("Brightness"), ra.OP_NAMES.index("Rotate")
+    levels = torch.arange(1, 10) / 10
+    factors = ra.op_magnitude(brightness, u[skipped == brightness])
+    assert torch.allclose(factors.unique(), 0.05 + 0.9 * levels, atol=1e-5)  # 1..9 of 10 over the range
+    angles = ra.op_magnitude(rotate, u[skipped == rotate])
+    # The authors' Rotate: 3 * level degrees, either way.
+    assert torch.allclose(angles.unique(), torch.cat([-30 * levels.flip(0), 30 * levels]), atol=1e-4)
+
+
+def test_reflect_padding_mirrors_the_image_about_its_edge_pixels():
+    x = torch.randint(0, 255, (30, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop(x, 3, torch.Generator().manual_seed(0), padding="reflect")
+    g = torch.Generator().manual_seed(0)  # the same offsets: drawn first, in the same order
+    dy, dx = (torch.randint(0, 7, (30, 1, 1), generator=g) for _ in range(2))
+    padded = F.pad(x.float(), (3, 3, 3, 3), mode="reflect")
+    expected = torch.stack([padded[i, :, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8] for i in range(30)])
+    assert torch.equal(out.float(), expected)
+    zeros = random_crop(x, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(zeros.float(), torch.stack([F.pad(x.float(), (3, 3, 3, 3))[i, :, dy[i]:dy[i] + 8,
+                                                                                dx[i]:dx[i] + 8] for i in range(30)]))
 
 
 # ---------------------------------------------------------------------------------- batches, subsets
@@ -210,7 +257,11 @@ def test_labeled_subsets_are_class_balanced_and_reproducible():
 
 @pytest.mark.parametrize("overrides, name", [({"epochs": 3}, "epochs"), ({"schedule": "step"}, "schedule"),
                                              ({"mu": 0}, "mu"), ({"threshold": 1.5}, "threshold"),
-                                             ({"backbone": "vgg16"}, "backbone"), ({"dataset": "lfw"}, "dataset")])
+                                             ({"backbone": "vgg16"}, "backbone"), ({"dataset": "lfw"}, "dataset"),
+                                             ({"randaugment": "paper"}, "randaugment"),
+                                             ({"cutout": "square"}, "cutout"),
+                                             ({"weak_padding": "edge"}, "weak_padding"),
+                                             ({"median_last": 0}, "median_last")])
 def test_config_refuses_impossible_values_and_parameters_fixmatch_does_not_have(overrides, name):
     with pytest.raises(ConfigError, match=name):
         config(**overrides)
@@ -270,7 +321,7 @@ def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
     algo.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
     loss, stats = algo.train_step(0, torch.Generator().manual_seed(0))
     assert sizes == [8 + 2 * 16] and loss.requires_grad and loss.dim() == 0
-    assert set(stats) == {"loss_x", "loss_u", "masked", "masked_correct"}
+    assert set(stats) == {"loss_x", "loss_u", "correct", "masked", "masked_correct"}
     assert all(s.dim() == 0 and not s.requires_grad for s in stats.values())  # summed by the loop, read once
 
 
@@ -279,14 +330,11 @@ def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
 def test_a_step_and_the_ema_update_never_wait_for_the_gpu(supervised_only):
     algo = linear_fixmatch(config(supervised_only=supervised_only), "cuda")
     generator = torch.Generator(device="cuda").manual_seed(0)
-    # RandAugment (core.randaugment.apply_ops) reads its per-operation block sizes on the host, so FixMatch's
-    # strong views are drawn before the check; the baseline's whole step (weak views only) is checked.
-    drawn = None if supervised_only else [algo.batches.draw(step, generator) for step in range(3)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(3):  # the first draws of the index streams included
-            loss, _ = algo.train_step(step, generator) if drawn is None else algo.batch_loss(drawn[step])
+        for step in range(3):  # the first draws of the index streams and RandAugment included
+            loss, _ = algo.train_step(step, generator)
             loss.backward()
             algo.after_step(step)
     finally:
@@ -331,7 +379,7 @@ def test_training_writes_history_checkpoints_and_leaves_labels_alone(tmp_path):
     assert torch.equal(ds.train_labels, labels)
     assert [r["step"] for r in history] == [3, 6]
     assert list(history[0]) == ["step", "lr", "loss", "loss_x", "loss_u", "mask_ratio", "pseudo_label_accuracy",
-                                "ema_test_loss", "ema_test_accuracy", "seconds"]
+                                "confident_accuracy", "ema_test_loss", "ema_test_accuracy", "seconds"]
     # The record's lr is that of its last step (k = 2 of K = 6) on FixMatch's schedule.
     assert history[0]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * 2 / (16 * 6)))
     assert history[-1]["ema_test_accuracy"] is not None
@@ -421,6 +469,31 @@ def test_cifar10_shaped_data_runs_with_wrn28_2(tmp_path):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_the_reported_median_is_over_the_last_evaluations_only():
+    history = [{"ema_test_accuracy": None}, {"ema_test_accuracy": 0.1}, {"ema_test_accuracy": 0.5},
+               {"ema_test_accuracy": None}, {"ema_test_accuracy": 0.9}, {"ema_test_accuracy": 0.6}]
+    assert median_of_last(history, 3) == (0.6, 3)  # 0.5, 0.9, 0.6; records without an evaluation skipped
+    assert median_of_last(history, 2) == (0.75, 2)
+    assert median_of_last(history, 20) == (0.55, 4)  # fewer evaluations than asked for: all of them
+    with pytest.raises(ValueError, match="ema_test_accuracy"):
+        median_of_last([{"ema_test_accuracy": None}], 20)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "standard", "paper"])
+def test_the_page_reads_each_profile_as_the_runner_does(profile):
+    assert study.profile_params(profile) == resolve_params("fixmatch", profile)
+
+
+def test_the_paper_profile_is_the_authors_protocol():
+    paper = study.profile_params("paper")
+    assert (paper["steps"], paper["batch_size"], paper["mu"], paper["backbone"]) == (2 ** 20, 64, 7, "wrn28_2")
+    assert len(paper["seeds"]) == 5 and paper["label_counts"] == [40, 250, 4000]
+    # google-research/fixmatch: an evaluation every 64 kimg (1,024 steps of 64), the median of the last 20.
+    assert paper["eval_every"] == 1024 and paper["median_last"] == 20
+    assert (paper["randaugment"], paper["cutout"], paper["weak_padding"]) == ("authors", "fixed", "reflect")
+    assert "1,024 per run; the median of the last 20" in study.protocol(paper)
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 def test_a_job_rerun_alone_in_a_fresh_process_gives_byte_identical_metrics(tmp_path):
     cfg = config(num_labels=20, steps=2, log_every=2, eval_every=0, eval_images=50)  # on Fashion-MNIST itself
@@ -428,6 +501,9 @@ def test_a_job_rerun_alone_in_a_fresh_process_gives_byte_identical_metrics(tmp_p
     metrics = run_job(job, log=quiet)
     assert metrics == read_json(job.out_dir / "metrics.json")
     assert (metrics["num_labels"], metrics["steps"], metrics["supervised_only"]) == (20, 2, False)
+    # One evaluation (at the end): the authors' median of the last 20 is the final EMA model's accuracy.
+    assert metrics["median_evaluations"] == 1 and metrics["median_test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["augmentation"] == "RandAugment authors, Cutout fixed, reflect padding"
     assert {"best.pt", "final.pt", "history.json", "timings.json", "labeled_indices.npz", "done.json"} <= {
         p.name for p in job.out_dir.iterdir()} and not (job.out_dir / "last.pt").exists()
     alone = tmp_path / "alone"
@@ -438,3 +514,15 @@ def test_a_job_rerun_alone_in_a_fresh_process_gives_byte_identical_metrics(tmp_p
                            text=True, env=env)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert (alone / "metrics.json").read_bytes() == (job.out_dir / "metrics.json").read_bytes()
+
+
+def test_the_ceiling_takes_a_fixmatch_steps_images_for_its_own_steps(tmp_path):
+    from fmnist_core.chapters.fixmatch.study import FixMatchStudyConfig, plan_jobs
+    base = {"device": "cpu", "steps": 40, "batch_size": 4, "mu": 3, "label_counts": [40], "seeds": [0]}
+    jobs = {j.info["method"]: j.config for j in plan_jobs(FixMatchStudyConfig.from_overrides(base), tmp_path)}
+    assert (jobs["fully supervised"].steps, jobs["fully supervised"].batch_size) == (40, 16)  # 0: the same steps
+    assert (jobs["fixmatch"].steps, jobs["fixmatch"].batch_size) == (40, 4)
+    own = plan_jobs(FixMatchStudyConfig.from_overrides(base, {"ceiling_steps": 120}), tmp_path)
+    assert [j.config.steps for j in own] == [40, 40, 120]
+    with pytest.raises(ConfigError, match="ceiling_steps"):
+        FixMatchStudyConfig.from_overrides(base, {"ceiling_steps": -1})

@@ -41,6 +41,26 @@ def test_run_key_follows_parameters_and_source(tmp_path):
     assert key != runner.run_key("dataset", "quick", params, tmp_path)
 
 
+def test_the_settings_of_the_profiles_a_page_describes_are_in_its_key(tmp_path, monkeypatch):
+    def described(experiment, paper_steps):
+        real = runner.get_profile
+        def patched(name, profiles=None):
+            profile = real(name, profiles)
+            if name != "paper":
+                return profile
+            fixmatch = {**profile["experiments"]["fixmatch"], "steps": paper_steps}
+            return {**profile, "experiments": {**profile["experiments"], "fixmatch": fixmatch}}
+        monkeypatch.setattr(runner, "get_profile", patched)
+        parts = runner.key_parts(experiment, "smoke", runner.resolve_params(experiment, "smoke"), tmp_path)
+        monkeypatch.setattr(runner, "get_profile", real)
+        return parts
+    before, after = described("fixmatch", 2 ** 20), described("fixmatch", 2 ** 19)
+    assert set(before["described"]) == {"standard", "paper"}
+    assert before["described"]["standard"] == after["described"]["standard"]
+    assert runner.changed_parts(before, after) == ["paper profile's settings"]
+    assert described("dataset", 2 ** 20)["described"] == {}  # a page that quotes no other profile
+
+
 def test_run_key_covers_only_the_modules_an_experiment_uses(tmp_path):
     def sources(experiment):
         return set(runner.key_parts(experiment, "smoke", runner.resolve_params(experiment, "smoke"),

@@ -6,14 +6,16 @@ import os
 import pytest
 import torch
 
-from fmnist_core.core.errors import FmnistBookError, RunError
+from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.core.io import load_checkpoint, save_checkpoint
 from fmnist_core.core.models import build_model
 from fmnist_core.core.data import Split
 from fmnist_core.core import loop
 from fmnist_core.core.loop import Algorithm, Plan
 from fmnist_core.core.supervised import fit
-from fmnist_core.core.train import OptimizerConfig, TrainConfig, configure_numerics, evaluate, lr_factor
+from fmnist_core.core.config import Config, trace_reads
+from fmnist_core.core.train import (OptimizerConfig, TrainConfig, configure_numerics, evaluate, lr_factor,
+                                    make_optimizer, prepare_model)
 
 
 def toy_split(n=200, seed=0):
@@ -157,6 +159,29 @@ def test_deterministic_mode_sets_the_cuda_switches_and_speed_mode_clears_them(mo
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_speed_options_are_read_on_every_device_and_act_on_cuda_only(optimizer):
+    traced_before = "__getattribute__" in Config.__dict__
+    trace_reads(True)
+    try:
+        cfg = config(optimizer=optimizer, fused=True, compile=True, compile_mode="reduce-overhead", device="cpu")
+        model = torch.nn.Linear(3, 2)
+        raw, runnable = prepare_model(model, cfg, torch.device("cpu"))
+        opt = make_optimizer(raw, cfg)
+        assert {"fused", "compile", "compile_mode", "channels_last"} <= cfg.fields_read()
+    finally:
+        trace_reads(traced_before)
+    assert runnable is raw  # no compilation on the CPU
+    assert not opt.defaults.get("fused")  # the CPU keeps the standard implementation
+    if torch.cuda.is_available():
+        on_gpu = make_optimizer(torch.nn.Linear(3, 2).cuda(), cfg)
+        assert on_gpu.defaults["fused"]
+        assert not make_optimizer(torch.nn.Linear(3, 2).cuda(), config(optimizer=optimizer, fused=False)).defaults.get(
+            "fused")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        config(compile_mode="fastest")
 
 
 class Counting(Algorithm):

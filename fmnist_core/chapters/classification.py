@@ -15,7 +15,8 @@ from fmnist_core.core import metrics
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import ImageDataset, Splits, job_dataset, make_splits, save_indices, subset, tta_augment
 from fmnist_core.core.errors import ConfigError
-from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
+from fmnist_core.core.io import read_json, write_json
+from fmnist_core.core.resources import project_root
 from fmnist_core.core.jobs import Job, job_kind, run_jobs
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import build_model, count_parameters, list_models, model_meta, rebuild
@@ -183,7 +184,7 @@ REFERENCE_DIR = "reference"  # recorded results of other profiles, committed wit
 def recorded_accuracy(profile: str, model: str, root=None) -> dict | None:
     """A model's test accuracy as recorded for ``profile`` under ``reference/<profile>/classification/``
     (with the device and date of that run), or ``None`` when no such record exists."""
-    run = Path(root or PROJECT_ROOT) / REFERENCE_DIR / profile / "classification"
+    run = Path(root or project_root()) / REFERENCE_DIR / profile / "classification"
     if not (run / "metrics.json").exists() or not (run / "env.json").exists():
         return None
     models, env = read_json(run / "metrics.json").get("models", {}), read_json(run / "env.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fmnist_core.core.activations import capture_activations, layer_report
@@ -15,6 +16,7 @@ from fmnist_core.core.data import balanced_subset, load_dataset, normalize
 from fmnist_core.core.errors import RunError
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.loop import load_trained
+from fmnist_core.core.metrics import predict_proba
 from fmnist_core.core.train import configure_numerics, resolve_device
 
 
@@ -83,8 +85,9 @@ def analyse(cfg: LayerwiseConfig, results_dir, data_dir=None, log=print) -> dict
     Returns
     -------
     dict
-        ``{"labels", "class_names", "runs": {run_name: {"model", "trained", "embeddings", "scores"}}}``,
-        with run names ``<model>`` and ``<model> (untrained)``.
+        ``{"labels", "class_names", "images", "runs": {run_name: {"model", "trained", "embeddings", "scores",
+        "predicted"}}}``, with run names ``<model>`` and ``<model> (untrained)``; ``images`` are the probe images
+        (uint8, on the CPU) and ``predicted`` the trained network's class for each (``None`` when untrained).
     """
     device = resolve_device(cfg.device)
     configure_numerics(device, cfg.deterministic)
@@ -101,8 +104,35 @@ def analyse(cfg: LayerwiseConfig, results_dir, data_dir=None, log=print) -> dict
             activations = capture_activations(network, inputs, cfg.layers.get(name))
             embeddings, scores = layer_report(activations, labels, cfg.perplexity, cfg.seed, cfg.n_jobs,
                                               cfg.tsne_iter)
-            runs[run_name] = {"model": name, "trained": trained, "embeddings": embeddings, "scores": scores}
-    return {"labels": labels, "class_names": class_names, "runs": runs}
+            predicted = predicted_classes(network, inputs) if trained else None
+            runs[run_name] = {"model": name, "trained": trained, "embeddings": embeddings, "scores": scores,
+                              "predicted": predicted}
+    return {"labels": labels, "class_names": class_names, "images": images.cpu().numpy(), "runs": runs}
+
+
+def predicted_classes(model, inputs) -> np.ndarray:
+    """The class ``model`` predicts for each of ``inputs`` (normalised images on its device)."""
+    return predict_proba(model, inputs).argmax(1).numpy()
+
+
+def interactive_maps(analysis: dict, method: str = "tsne") -> tuple[dict, dict]:
+    """The trained networks' 2-D maps, layer by layer, and their predictions, for the interactive figure.
+
+    Returns
+    -------
+    maps : dict
+        ``"<model> · <layer>"`` -> coordinates (N×2) of ``method`` (``"tsne"`` or ``"pca"``).
+    predicted : dict
+        The same keys -> the model's predicted class of each image.
+    """
+    maps, predicted = {}, {}
+    for run_name, run in analysis["runs"].items():
+        if not run["trained"]:
+            continue
+        for layer, embedding in run["embeddings"].items():
+            key = f"{run_name} · {layer}"
+            maps[key], predicted[key] = embedding[method], run["predicted"]
+    return maps, predicted
 
 
 def score_table(runs: dict) -> list[dict]:

@@ -23,7 +23,7 @@ from torch import nn
 from fmnist_core.core import loop
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import (ImageDataset, Splits, batch_indices, job_dataset, make_generator,
-                                   make_splits, subset)
+                                   make_splits, permutation, subset)
 from fmnist_core.core.errors import ConfigError, DataError
 from fmnist_core.core.generative import (RECON_LOSSES, gaussian_constant, kl_divergence, reconstruction_loss,
                                         reparameterize, to_unit, vae_loss)
@@ -437,8 +437,7 @@ class VAETraining(Algorithm):
     def train_step(self, step, generator):
         position = step % self.steps_per_epoch
         if position == 0:  # the batch order of the epoch, drawn at its first step
-            self.order = torch.randperm(len(self.images), generator=generator,
-                                        device=generator.device).to(self.images.device)
+            self.order = permutation(len(self.images), generator).to(self.images.device)
         x = to_unit(self.images[self.order[position * self.batch_size:(position + 1) * self.batch_size]])
         self.weight = kl_weight(step, self.warmup_steps, self.beta)  # from the step number: no host sync
         self.runnable.train()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fmnist_core.core.errors import DataError
-from fmnist_core.core.io import PROJECT_ROOT
+from fmnist_core.core.resources import work_root
 
 CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -34,7 +34,7 @@ FASHION_MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_CACHE_DIR = PROJECT_ROOT / "data"
+DEFAULT_CACHE_DIR = work_root() / "data"  # the checkout's data/, or ./data for an installed package
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 
 # Per-channel statistics of the Fashion-MNIST training images, used to standardise network inputs.
@@ -280,25 +280,51 @@ def balanced_subset(labels, size: int, seed: int, num_classes: int = 10) -> np.n
 # ----------------------------------------------------------------------------------- batches on device
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """``uint8`` images to standardised ``float32``: ``(x / 255 - mean) / std`` per channel."""
-    shape = (1, -1, 1, 1)
-    mean_t = torch.tensor(mean, device=images.device).view(shape)
-    std_t = torch.tensor(std, device=images.device).view(shape)
+    mean_t, std_t = channel_tensor(mean, images.device), channel_tensor(std, images.device)
     return (images.float() / 255.0 - mean_t) / std_t
 
 
-def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``pad`` pixels and crop back to the original size at a random offset per image."""
+def channel_tensor(values, device) -> torch.Tensor:
+    """Per-channel statistics as a (1, C, 1, 1) float32 tensor on ``device``, made once per (values,
+    device): a tensor built from a list on every training step would be a blocking copy to a GPU each time."""
+    return _channel_tensor(tuple(float(v) for v in values), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_tensor(values: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(values, device=device).view(1, -1, 1, 1)
+
+
+PADDINGS = ("zeros", "reflect")
+
+
+def random_crop(images: torch.Tensor, pad: int, generator: torch.Generator, padding: str = "zeros") -> torch.Tensor:
+    """Pad by ``pad`` pixels and crop back to the original size at a random offset per image.
+
+    ``padding`` is ``zeros`` (black borders) or ``reflect`` (the image mirrored about its edge pixels, as
+    ``tf.pad(mode='REFLECT')`` in the FixMatch authors' weak augmentation); ``pad`` must then be smaller
+    than the image side. Both draw the same offsets.
+    """
     if pad == 0:
         return images
     n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device, generator=generator)
     rows = dy + torch.arange(h, device=images.device).view(1, h, 1)
     cols = dx + torch.arange(w, device=images.device).view(1, 1, w)
     batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    if padding == "reflect":
+        source, rows, cols = images, _reflect(rows - pad, h), _reflect(cols - pad, w)
+    else:
+        source = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     # Advanced indexing with (n,h,w) index tensors puts the channel axis last.
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+    return source.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices in -size+1..2 size-2 mirrored into 0..size-1 about the edge pixels (-1 -> 1, size -> size-2)."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -307,20 +333,34 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
 
 
-def weak_augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
-    """Random pad-and-crop translation and horizontal flip, batched on the images' device."""
-    images = random_crop(images, pad, generator)
+def weak_augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True,
+                 padding: str = "zeros") -> torch.Tensor:
+    """Random pad-and-crop translation (``padding``: see :func:`random_crop`) and horizontal flip, batched
+    on the images' device."""
+    images = random_crop(images, pad, generator, padding)
     return random_flip(images, generator) if flip else images
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None = None,
                   device="cpu", drop_last: bool = False):
     """Yield index tensors covering ``range(n)`` in batches, shuffled when a generator is given."""
-    order = (torch.randperm(n, generator=generator, device=generator.device).to(device)
-             if generator is not None else torch.arange(n, device=device))
+    order = permutation(n, generator).to(device) if generator is not None else torch.arange(n, device=device)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         yield order[start:start + batch_size]
+
+
+def permutation(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of ``range(n)`` on the generator's device, drawn with it.
+
+    On the CPU this is ``torch.randperm``. On an accelerator it is the stable argsort of ``n`` random
+    62-bit keys drawn there: a sort that never round-trips through the host, whatever ``randperm``'s
+    implementation for small ``n`` (older PyTorch drew those on the CPU and copied them over).
+    """
+    if generator.device.type == "cpu":
+        return torch.randperm(n, generator=generator)
+    keys = torch.randint(0, 2 ** 62, (n,), generator=generator, device=generator.device)
+    return torch.argsort(keys, stable=True)
 
 
 def make_generator(seed: int, device="cpu") -> torch.Generator:

@@ -10,6 +10,8 @@ import torch
 
 from fmnist_core.core.errors import FmnistBookError
 
+# The folder holding the fmnist_core package: the checkout's root, or site-packages when installed. The project's
+# own files (notebooks, profiles.yml, the book's pages) are found through fmnist_core.core.resources.
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -32,6 +32,7 @@ from typing import Callable
 from fmnist_core.core.config import Config
 from fmnist_core.core.errors import ConfigError, FmnistBookError
 from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
+from fmnist_core.core.progress import PLAN_FILE
 
 PACKAGE = "fmnist_core"
 PACKAGE_DIR = PROJECT_ROOT / PACKAGE
@@ -134,8 +135,24 @@ def prepare_job(job: Job, key: str | None = None) -> str:
 
 
 def run_jobs(jobs: list[Job], log=print) -> list[dict]:
-    """Run (or skip) every job in order; returns their metrics, in the same order."""
+    """Run (or skip) every job in order; returns their metrics, in the same order.
+
+    The plan (the jobs' labels and folders) is written first as ``jobs.json`` in the folder that holds
+    the job folders, so that a progress display knows the jobs still to come.
+    """
+    write_plan(jobs)
     return [run_job(job, log) for job in jobs]
+
+
+def write_plan(jobs: list[Job]) -> Path | None:
+    """``jobs.json`` (:data:`fmnist_core.core.progress.PLAN_FILE`) beside the jobs' folders: label and folder of each."""
+    if not jobs:
+        return None
+    folders = [job.out_dir.resolve() for job in jobs]
+    base = Path(os.path.commonpath([folder.parent for folder in folders]))
+    base.mkdir(parents=True, exist_ok=True)
+    return write_json(base / PLAN_FILE, {"jobs": [{"label": job.label, "dir": str(folder.relative_to(base))}
+                                                  for job, folder in zip(jobs, folders)]})
 
 
 def _read_key(path: Path) -> str | None:

@@ -18,6 +18,8 @@ Files of a job folder:
   selection is given) with the step, epoch and history record that chose them;
 * ``final.pt``: the final weights of the trained model;
 * ``history.json`` / ``history.csv`` (and TensorBoard events when it is installed).
+* ``progress.json``: the step, the statistics and the time left, for the command's progress display
+  (:mod:`fmnist_core.core.progress`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import torch
 from fmnist_core.core.data import make_generator
 from fmnist_core.core.errors import FmnistBookError, RunError
 from fmnist_core.core.io import load_checkpoint, save_checkpoint, write_bytes_atomic, write_json
+from fmnist_core.core.progress import ProgressFile
 from fmnist_core.core.train import OptimizerConfig, lr_factor, make_optimizer
 
 
@@ -279,6 +282,7 @@ def train(algo: Algorithm, plan: Plan, optim: OptimizerConfig, schedule: str, se
         step), :meth:`Algorithm.summarize`'s fields, evaluation fields where evaluated, ``seconds``.
     """
     run = _start(algo, plan, optim, schedule, seed, Checkpointer(Path(out_dir), config), log)
+    run.progress = ProgressFile(out_dir, plan.steps, run.step, plan.steps_per_epoch)  # progress.json
     for step in range(run.step, plan.steps):
         lr = run.optimizer.param_groups[0]["lr"]
         loss, stats = algo.train_step(step, run.generator)
@@ -305,6 +309,7 @@ class _Run:
     best: float | None
     history: History
     window: _Window
+    progress: ProgressFile | None = None
 
 
 def _start(algo, plan, optim, schedule, seed, ckpt, log) -> _Run:
@@ -334,6 +339,8 @@ def _at_boundary(run: _Run, algo, plan: Plan, done: int, lr: float, name: str, l
         if record["epoch"] is None:
             del record["epoch"]
         run.history.append(record)
+        if run.progress is not None:
+            run.progress.update(record)
         log(_log_line(name, record, plan))
         run.window = _Window(done)
     if checkpoint_now:

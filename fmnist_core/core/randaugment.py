@@ -1,10 +1,21 @@
 """FixMatch's strong augmentation: RandAugment with a random magnitude per image, then Cutout, batched.
 
-Every image of a batch draws ``num_ops`` operations from :data:`OPS` and, for each, a magnitude uniform in
-the operation's range, then gets a Cutout square. All of it runs as tensor operations on the images' device
-(CPU or CUDA): the only Python loops run over the 14 operations and the ``num_ops`` slots, never over images.
-Images are floats in [0, 1], shape (N, C, H, W), with C = 1 (grey) or 3 (RGB); every operation returns
-the same shape and dtype, clamped to [0, 1].
+Every image of a batch draws ``num_ops`` operations from :data:`OPS` and, for each, a magnitude in the
+operation's range, then gets a Cutout square. All of it runs as tensor operations on the images' device
+(CPU or CUDA), and nothing is read back to the host: every operation is computed for the whole batch and
+one gather keeps, per image, the result of the operation it drew (the only Python loops run over the
+14 operations and the ``num_ops`` slots, never over images or tensor values). Images are floats in [0, 1],
+shape (N, C, H, W), with C = 1 (grey) or 3 (RGB); every operation returns the same shape and dtype, clamped
+to [0, 1].
+
+Two variants of the sampling (:func:`rand_augment`'s ``prob``, ``levels`` and ``cutout_fixed``):
+
+* the authors' code (google-research/fixmatch ``libml/augment.py``, ``AugmentPoolRAMC``: each of the 2 drawn
+  operations applied with probability 0.5 at an integer level ``randint(1, 10)`` of 10; kekmodel's
+  ``RandAugmentMC`` does the same) with their Cutout, a square of half the image side
+  (``cutout_numpy``, 16 px on 32 px images);
+* USB/TorchSSL's (every drawn operation applied, magnitude uniform over its range; Cutout side uniform up
+  to half the image side).
 
 Ranges follow Table 12 of the FixMatch paper (Sohn et al. 2020, "RandAugment" list):
 
@@ -27,8 +38,8 @@ TranslateX/Y  fraction in [-0.3, 0.3]     shift by the fraction times the width 
 
 Deviations from the PIL-based reference implementations, on purpose:
 
-* every drawn operation is applied (the paper's RA); kekmodel's ``RandAugmentMC`` applies each with
-  probability 1/2 and draws the magnitude from 10 discrete levels;
+* levels map onto the ranges of the table above (the paper's Table 12), not onto the reference code's own ranges
+  (e.g. its enhancement factors span 0.1..1.9);
 * shears and rotations are about the image centre (PIL shears about the top-left corner, which adds a
   translation of up to ``0.3 * H``); geometric ops sample the nearest pixel as PIL does, and fill the
   uncovered area with black (0, PIL's default fill and Fashion-MNIST's background);
@@ -36,9 +47,10 @@ Deviations from the PIL-based reference implementations, on purpose:
   Equalize quantise their input to 256 levels, as they are defined on 8-bit images);
 * Contrast blends with the float mean of the grey image (PIL rounds it to an integer level).
 
-Cutout (after the operations, as in FixMatch): one square per image, side uniform in
-``1 .. cutout * min(H, W)`` pixels, centred on a uniformly random pixel, clipped at the border, filled with
-grey 0.5 (FixMatch's 127/255). Grey conversion of RGB uses the ITU-R 601 luma weights, as PIL does.
+Cutout (after the operations, as in FixMatch): one square per image, side ``cutout * min(H, W)`` pixels
+(fixed) or uniform in ``1 .. cutout * min(H, W)``, centred on a uniformly random pixel, clipped at the
+border, filled with grey 0.5 (FixMatch's 127/255: zero in the authors' [-1, 1] scale). Grey conversion of
+RGB uses the ITU-R 601 luma weights, as PIL does.
 """
 from __future__ import annotations
 
@@ -124,9 +136,9 @@ def sharpness(images: torch.Tensor, factor) -> torch.Tensor:
     n, c, h, w = images.shape
     if h < 3 or w < 3:
         return images
-    kernel = torch.ones(1, 1, 3, 3, dtype=images.dtype, device=images.device)
-    kernel[0, 0, 1, 1] = 5.0
-    blurred = F.conv2d(images.reshape(n * c, 1, h, w), kernel / 13.0).view(n, c, h - 2, w - 2)
+    # The 3x3 window sum (plus 4 x the centre) as shifted slices: far cheaper than a one-channel conv2d on a CPU.
+    window = sum(images[:, :, i:h - 2 + i, j:w - 2 + j] for i in range(3) for j in range(3))
+    blurred = (window + 4.0 * images[:, :, 1:-1, 1:-1]) / 13.0
     degenerate = images.clone()
     degenerate[:, :, 1:-1, 1:-1] = blurred
     return _blend(degenerate, images, factor)
@@ -188,15 +200,21 @@ def geometric_matrices(kinds: torch.Tensor, magnitudes: torch.Tensor, height: in
 
 def affine(images: torch.Tensor, matrices: torch.Tensor, fill: float = GEOMETRIC_FILL) -> torch.Tensor:
     """Warp every image with its own 2×3 output-to-input map (pixels about the centre), in one
-    ``affine_grid``/``grid_sample`` call; nearest-pixel sampling, uncovered pixels set to ``fill``."""
+    ``grid_sample`` call; nearest-pixel sampling, uncovered pixels set to ``fill``.
+
+    The sampling grid is ``affine_grid``'s (align_corners=False), written as broadcast products: on a CPU
+    that is several times faster than ``affine_grid``'s batched matrix product of 3-vectors.
+    """
     n, c, h, w = images.shape
     # Pixels about the centre -> grid_sample's [-1, 1] coordinates (align_corners=False): x_n = 2 x / w.
-    theta = matrices.to(images.dtype).clone()
-    theta[:, 0, 1] *= h / w
-    theta[:, 0, 2] *= 2.0 / w
-    theta[:, 1, 0] *= w / h
-    theta[:, 1, 2] *= 2.0 / h
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    theta = matrices.to(images.dtype)
+    xs = ((torch.arange(w, device=images.device, dtype=images.dtype) * 2 + 1) / w - 1).view(1, 1, w, 1)
+    ys = ((torch.arange(h, device=images.device, dtype=images.dtype) * 2 + 1) / h - 1).view(1, h, 1, 1)
+    # Per image, the (x, y) coefficients of the grid's two coordinates, already in [-1, 1] units.
+    a = torch.stack([theta[:, 0, 0], theta[:, 1, 0] * (w / h)], 1).view(n, 1, 1, 2)
+    b = torch.stack([theta[:, 0, 1] * (h / w), theta[:, 1, 1]], 1).view(n, 1, 1, 2)
+    t = torch.stack([theta[:, 0, 2] * (2.0 / w), theta[:, 1, 2] * (2.0 / h)], 1).view(n, 1, 1, 2)
+    grid = a * xs + b * ys + t  # (N, H, W, 2), contiguous: no interleaving copy
     # Sampling (images - fill) with zero padding leaves exactly ``fill`` outside the source image.
     warped = F.grid_sample(images - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return (warped + fill).clamp_(0.0, 1.0)
@@ -268,39 +286,52 @@ def op_magnitude(index: int, u: torch.Tensor) -> torch.Tensor:
 def apply_ops(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Apply operation ``OPS[ops[i]]`` with magnitude draw ``u[i]`` to image ``i``, for all i at once.
 
-    The images are sorted by operation so that each operation runs once on a contiguous block, and all
-    geometric ones share one warp; the only host synchronisation is reading the block sizes.
+    Nothing is read back to the host: every colour operation runs on the whole batch, the geometric ones
+    share one warp (the identity map for the images that drew none), and one gather from the stacked results
+    keeps, per image, the result of the operation it drew. The cost is fixed (every operation on every
+    image), the price of never waiting for the device to learn which image drew what.
     """
-    order = torch.argsort(ops, stable=True)
-    counts = torch.bincount(ops, minlength=len(OPS)).tolist()
-    x, kinds, u = images[order], ops[order], u[order]
-    blocks, start = [], 0
-    for index, count in enumerate(counts[:_FIRST_GEOMETRIC]):
-        if count:
-            fn = OPS[index][1]
-            blocks.append(fn(x[start:start + count], op_magnitude(index, u[start:start + count])))
-        start += count
-    if start < len(x):
-        kind = kinds[start:]
-        magnitudes = torch.zeros_like(u[start:])
-        for index in range(_FIRST_GEOMETRIC, len(OPS)):
-            magnitudes = torch.where(kind == index, op_magnitude(index, u[start:]), magnitudes)
-        # The OPS order of the geometric ops is GEOMETRIC_KINDS' order.
-        matrices = geometric_matrices(kind - _FIRST_GEOMETRIC, magnitudes, x.shape[2], x.shape[3])
-        blocks.append(affine(x[start:], matrices))
-    out = torch.empty_like(images)
-    out[order] = torch.cat(blocks)
-    return out
+    results = [images]  # OPS[0] is Identity
+    results += [OPS[index][1](images, op_magnitude(index, u)) for index in range(1, _FIRST_GEOMETRIC)]
+    geometric = ops >= _FIRST_GEOMETRIC
+    magnitudes = torch.zeros_like(u)
+    for index in range(_FIRST_GEOMETRIC, len(OPS)):
+        magnitudes = torch.where(ops == index, op_magnitude(index, u), magnitudes)
+    # The OPS order of the geometric ops is GEOMETRIC_KINDS' order; kind -1 (no geometric op) and magnitude 0
+    # give the identity map.
+    kinds = torch.where(geometric, ops - _FIRST_GEOMETRIC, torch.full_like(ops, -1))
+    results.append(affine(images, geometric_matrices(kinds, magnitudes, images.shape[2], images.shape[3])))
+    choice = torch.where(geometric, torch.full_like(ops, len(results) - 1), ops)
+    return torch.stack(results)[choice, torch.arange(len(ops), device=ops.device)]
+
+
+def level_draws(u: torch.Tensor, ops: torch.Tensor, sign: torch.Tensor, levels: int) -> torch.Tensor:
+    """Magnitude draws at discrete levels: level ``1 + floor(u (levels - 1))`` of ``levels``, i.e. 1..levels-1
+    (the authors' ``randint(1, 10)``), as a fraction of each operation's range; a symmetric range (Rotate,
+    Shear, Translate: low = -high) takes the level as a strength with a random sign (``sign < 0.5``
+    negates), as the authors' implementation does. Returns the equivalent uniform draws for
+    :func:`op_magnitude`."""
+    fraction = (1.0 + (u * (levels - 1)).floor()) / levels
+    signed = ops >= _FIRST_GEOMETRIC  # exactly the symmetric ranges
+    strength = torch.where(sign < 0.5, -fraction, fraction)
+    return torch.where(signed, 0.5 + 0.5 * strength, fraction)
 
 
 def cutout(images: torch.Tensor, generator: torch.Generator, size: float = 0.5,
-           fill: float = CUTOUT_FILL) -> torch.Tensor:
-    """Fill one square per image with ``fill``: side uniform in 1..``size``·min(H, W) pixels, centred on a
-    uniformly random pixel, clipped at the border (FixMatch's Cutout)."""
+           fill: float = CUTOUT_FILL, fixed: bool = False) -> torch.Tensor:
+    """Fill one square per image with ``fill``, centred on a uniformly random pixel, clipped at the border.
+
+    The side is ``size``·min(H, W) pixels for every image with ``fixed`` (the authors' code:
+    ``cutout_numpy``, 16 px on 32 px images; kekmodel), or uniform in 1..``size``·min(H, W) per image
+    otherwise (USB/TorchSSL).
+    """
     n, _, h, w = images.shape
     device = images.device
     longest = max(1, int(size * min(h, w)))
-    side = 1 + (torch.rand(n, device=device, generator=generator) * longest).long().clamp(max=longest - 1)
+    if fixed:
+        side = torch.full((n,), longest, device=device, dtype=torch.long)
+    else:
+        side = 1 + (torch.rand(n, device=device, generator=generator) * longest).long().clamp(max=longest - 1)
     cy = torch.randint(0, h, (n,), device=device, generator=generator)
     cx = torch.randint(0, w, (n,), device=device, generator=generator)
     top, left = (cy - side // 2).view(n, 1, 1), (cx - side // 2).view(n, 1, 1)
@@ -314,9 +345,28 @@ def cutout(images: torch.Tensor, generator: torch.Generator, size: float = 0.5,
 _cutout = cutout  # ``rand_augment``'s ``cutout`` argument shadows the function inside it
 
 
-def rand_augment(images: torch.Tensor, generator: torch.Generator, num_ops: int = 2,
-                 cutout: float = 0.5) -> torch.Tensor:
+def draw_ops(n: int, generator: torch.Generator, device, dtype, prob: float = 1.0,
+             levels: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One slot's operations and magnitude draws for ``n`` images, on ``device`` (see :func:`rand_augment`).
+
+    Returns ``(ops, u)`` for :func:`apply_ops`; an image whose operation is skipped (probability
+    ``1 - prob``) gets Identity.
+    """
+    ops = torch.randint(0, len(OPS), (n,), device=device, generator=generator)
+    u = torch.rand(n, device=device, generator=generator, dtype=dtype)
+    if levels:
+        u = level_draws(u, ops, torch.rand(n, device=device, generator=generator, dtype=dtype), levels)
+    if prob < 1.0:
+        applied = torch.rand(n, device=device, generator=generator) < prob
+        ops = torch.where(applied, ops, torch.zeros_like(ops))  # OPS[0] is Identity
+    return ops, u
+
+
+def rand_augment(images: torch.Tensor, generator: torch.Generator, num_ops: int = 2, cutout: float = 0.5,
+                 prob: float = 1.0, levels: int = 0, cutout_fixed: bool = False) -> torch.Tensor:
     """FixMatch's RandAugment: ``num_ops`` random operations per image, random magnitudes, then Cutout.
+
+    Every draw is made on the images' device and nothing is read back to the host.
 
     Parameters
     ----------
@@ -325,10 +375,19 @@ def rand_augment(images: torch.Tensor, generator: torch.Generator, num_ops: int 
     generator : torch.Generator
         Seeded generator on the images' device; every draw (operations, magnitudes, Cutout) comes from it.
     num_ops : int
-        Operations applied one after another to every image, each drawn uniformly from :data:`OPS`
+        Operation slots applied one after another to every image, each drawn uniformly from :data:`OPS`
         (independently, so an image may draw the same operation twice).
     cutout : float
-        Largest Cutout side as a fraction of the shorter image side; 0 disables Cutout.
+        Cutout side (or its largest value) as a fraction of the shorter image side; 0 disables Cutout.
+    prob : float
+        Probability that a slot's operation is applied (the authors' RandAugment: 0.5; the paper's text: 1).
+    levels : int
+        0: magnitudes uniform over each operation's range. ``L`` > 1: a random level in 1..L-1 of ``L``
+        (the authors' code: ``randint(1, 10)`` of 10) with a random sign on the symmetric ranges
+        (:func:`level_draws`).
+    cutout_fixed : bool
+        A square of exactly ``cutout``·min(H, W) (the authors') instead of a random side up to it
+        (:func:`cutout`).
 
     Returns
     -------
@@ -336,11 +395,9 @@ def rand_augment(images: torch.Tensor, generator: torch.Generator, num_ops: int 
         The augmented images: same shape, float32 (the input's float dtype), values in [0, 1].
     """
     _check_images(images)
-    n = images.shape[0]
     for _ in range(num_ops):
-        ops = torch.randint(0, len(OPS), (n,), device=images.device, generator=generator)
-        u = torch.rand(n, device=images.device, generator=generator, dtype=images.dtype)
+        ops, u = draw_ops(images.shape[0], generator, images.device, images.dtype, prob, levels)
         images = apply_ops(images, ops, u)
     if cutout > 0:
-        images = _cutout(images, generator, cutout)
+        images = _cutout(images, generator, cutout, fixed=cutout_fixed)
     return images

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmnist_core.core.data import Split, normalize, weak_augment
+from fmnist_core.core.data import Split, normalize, permutation, weak_augment
 from fmnist_core.core import loop
 from fmnist_core.core.loop import Algorithm, Plan, Selection
 from fmnist_core.core.train import TrainConfig, autocast_context, evaluate, prepare_model
@@ -42,8 +42,7 @@ class Supervised(Algorithm):
     def train_step(self, step, generator):
         position = step % self.steps_per_epoch
         if position == 0:  # a fresh permutation at the start of every epoch
-            self.order = torch.randperm(len(self.train.labels), generator=generator,
-                                        device=generator.device).to(self.train.images.device)
+            self.order = permutation(len(self.train.labels), generator).to(self.train.images.device)
         index = self.order[position * self.batch_size:(position + 1) * self.batch_size]
         images, labels = self.train.images[index], self.train.labels[index]
         if self.augment:
@@ -52,7 +51,7 @@ class Supervised(Algorithm):
         with autocast_context(images.device, self.dtype):
             logits = self.runnable(normalize(images, self.train.mean, self.train.std))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-        n = torch.tensor(float(len(labels)), device=labels.device)
+        n = labels.new_full((), len(labels), dtype=torch.float32)  # a fill on the device, not a host copy
         return loss, {"loss_sum": loss.detach() * n, "correct": (logits.argmax(1) == labels).sum().float(),
                       "count": n}
 

@@ -18,6 +18,9 @@ from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import Split, batch_indices
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 # ------------------------------------------------------------------------------------ parameter groups
 @dataclass
 class OptimizerConfig(Config):
@@ -29,6 +32,8 @@ class OptimizerConfig(Config):
     nesterov: bool = param(True, "Nesterov momentum for SGD")
     weight_decay: float = param(5e-4, "weight decay on weights, not on biases and norm parameters: decoupled "
                                       "for Adam (AdamW), L2 for SGD")
+    fused: bool = param(True, "fused AdamW/SGD kernels when the model is on CUDA (the whole update in a few "
+                              "kernels); the CPU always uses the standard implementation")
 
     def check(self) -> None:
         super().check()
@@ -57,6 +62,8 @@ class RuntimeConfig(Config):
     device: str = param("auto", "auto | cpu | cuda")
     dtype: str = param("float32", "float32 | bfloat16 (autocast; CUDA only)")
     compile: bool = param(False, "torch.compile the model (CUDA only)")
+    compile_mode: str = param("default", "torch.compile mode when compile is on: default | reduce-overhead (CUDA "
+                                         "graphs) | max-autotune | max-autotune-no-cudagraphs")
     channels_last: bool = param(True, "channels-last memory format on CUDA")
     deterministic: bool = param(False, "CUDA: deterministic algorithms, fixed cuBLAS workspace, no cuDNN "
                                        "benchmark (slower, bit-reproducible); off = speed (CPU runs are exact)")
@@ -66,6 +73,7 @@ class RuntimeConfig(Config):
         super().check()
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))
         require_choice(self.dtype, "dtype", ("float32", "bfloat16"))
+        require_choice(self.compile_mode, "compile_mode", COMPILE_MODES)
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
         if self.device == "cuda":
             require(torch.cuda.is_available(), "device", "is 'cuda' but no CUDA device is available")
@@ -146,12 +154,13 @@ def autocast_context(device: torch.device, dtype: str):
 def prepare_model(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device):
     """Move to the device; channels-last and ``torch.compile`` on CUDA; the determinism switches of
     ``cfg.deterministic`` (:func:`configure_numerics`). Returns (raw, runnable) models."""
-    channels_last, compile_model = cfg.channels_last, cfg.compile  # read on every device: both are options
+    # Read on every device: all three are options (they act on CUDA only).
+    channels_last, compile_model, mode = cfg.channels_last, cfg.compile, cfg.compile_mode
     configure_numerics(device, cfg.deterministic)
     model = model.to(device)
     if device.type == "cuda" and channels_last:
         model = model.to(memory_format=torch.channels_last)
-    runnable = torch.compile(model) if (compile_model and device.type == "cuda") else model
+    runnable = torch.compile(model, mode=mode) if (compile_model and device.type == "cuda") else model
     return model, runnable
 
 
@@ -171,13 +180,16 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.
     Adam with L2 added to the gradient would make the decay depend on the loss scale (a VAE's loss is
     ~250 nats per image, a classifier's ~0.5), so Adam is always AdamW (Loshchilov & Hutter, 2019): the
     decay ``lr * weight_decay * w`` is applied to the weights directly. SGD keeps the L2 of the papers it
-    reproduces (for SGD the two differ only by the learning-rate factor).
+    reproduces (for SGD the two differ only by the learning-rate factor). With ``cfg.fused`` and the model on
+    CUDA, the fused implementation of either runs the update in a few kernels.
     """
     groups = parameter_groups(model, cfg.weight_decay)
-    momentum, nesterov = cfg.momentum, cfg.nesterov  # read either way: both are options of this group
+    momentum, nesterov, fused = cfg.momentum, cfg.nesterov, cfg.fused  # read either way: options of this group
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    extra = {"fused": True} if (fused and on_cuda) else {}  # the CPU keeps PyTorch's default implementation
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=nesterov, **extra)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **extra)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:

@@ -14,12 +14,14 @@ from pathlib import Path
 import yaml
 
 from fmnist_core.pipeline.experiments import EXPERIMENTS
-from fmnist_core.core.io import PROJECT_ROOT, read_json, write_bytes_atomic
+from fmnist_core.core.io import read_json, write_bytes_atomic
+from fmnist_core.core.resources import project_file
+from fmnist_core.pipeline.rootbook import record_last_book
 from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 
-BOOK_DIR = PROJECT_ROOT / "book"
-CONFIG_PATH = PROJECT_ROOT / "_config.yml"
-TOC_PATH = PROJECT_ROOT / "_toc.yml"
+BOOK_DIR = project_file("book")
+CONFIG_PATH = project_file("_config.yml")
+TOC_PATH = project_file("_toc.yml")
 
 
 def chapter_pages() -> list[str]:
@@ -33,6 +35,7 @@ def assemble(profile: str, results_dir: Path, source: Path) -> list[str]:
     """Write the book's source pages for ``profile`` into ``source``; returns the missing chapters."""
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
+    shutil.copytree(BOOK_DIR / "_static", source / "_static")  # the book's CSS (jupyter-book adds every .css)
     missing = []
     for page in chapter_pages():
         if page in EXPERIMENTS:
@@ -48,7 +51,7 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
     run_dir = results_dir / profile / name
     failure = failure_path(run_dir)
     if finished_key(run_dir) and not failure.exists():
-        write_bytes_atomic(source / f"{name}.ipynb", _fold_parameters(run_dir / f"{name}.ipynb").encode())
+        write_bytes_atomic(source / f"{name}.ipynb", _remove_parameters(run_dir / f"{name}.ipynb").encode())
         return True
     if failure.exists():
         info = read_json(failure)
@@ -62,13 +65,22 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
     return False
 
 
-def _fold_parameters(notebook: Path) -> str:
-    """The executed notebook with papermill's injected-parameters cell folded away (it stays readable)."""
+READER_HIDDEN = ("parameters", "injected-parameters")
+
+
+def _remove_parameters(notebook: Path) -> str:
+    """The executed notebook without its parameters cells on the page (papermill's defaults and injected values).
+
+    A reader never needs them: the appendix "Reproducibility" lists every run's parameters. The cells stay in
+    the notebook (tagged ``remove-cell``), so papermill still finds its ``parameters`` tag.
+    """
     nb = read_json(notebook)
     for cell in nb["cells"]:
         tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-        if "injected-parameters" in tags and "hide-cell" not in tags:
-            tags.append("hide-cell")
+        if any(tag in tags for tag in READER_HIDDEN):
+            tags[:] = [t for t in tags if t not in ("hide-cell", "hide-input")]
+            if "remove-cell" not in tags:
+                tags.append("remove-cell")
     return json.dumps(nb)
 
 
@@ -76,10 +88,12 @@ def _fill(text: str, profile: str, results_dir: Path) -> str:
     """Replace the ``{{profile}}``-style placeholders of the static pages."""
     from fmnist_core.pipeline.references import render_sources
     description = get_profile(profile).get("description", "")
+    from fmnist_core.pipeline.summary import render_glance
     table = appendix_table(profile, results_dir) if "{{appendix}}" in text else ""
     sources = render_sources() if "{{sources}}" in text else ""
+    glance = render_glance(profile, results_dir) if "{{glance}}" in text else ""
     return (text.replace("{{profile}}", profile).replace("{{profile_description}}", description)
-            .replace("{{appendix}}", table).replace("{{sources}}", sources))
+            .replace("{{appendix}}", table).replace("{{sources}}", sources).replace("{{glance}}", glance))
 
 
 NUMERICS = {
@@ -118,4 +132,5 @@ def build(profile: str, results_dir: Path, output_dir: Path) -> Path:
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"jupyter-book failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    record_last_book(output_dir, profile, source)  # what `jupyter-book build .` at the root builds
     return output_dir / "_build" / "html" / "index.html"

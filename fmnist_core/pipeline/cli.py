@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None, help="directory holding the Fashion-MNIST IDX files")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="execute one experiment's notebook with papermill")
+    catalogue = {"epilog": experiments_and_profiles(), "formatter_class": argparse.RawDescriptionHelpFormatter}
+    run = sub.add_parser("run", help="execute one experiment's notebook with papermill", **catalogue)
     run.add_argument("experiment")
     run.add_argument("--profile", default=DEFAULT_PROFILE)
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -27,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     from fmnist_core.pipeline.executors import add_executor_options
     add_executor_options(run)
 
-    build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book")
+    build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book", **catalogue)
     build.add_argument("--profile", default=DEFAULT_PROFILE)
     build.add_argument("--force", action="store_true")
     build.add_argument("--output-dir", type=Path, default=None, help="default: _build/<profile>")
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
 
     results = sub.add_parser("results", help="print the key metrics of every finished run")
     results.add_argument("--profile", default=DEFAULT_PROFILE)
+    results.add_argument("--summary", action="store_true", help="per chapter: headline figures beside the source "
+                         "report's and the literature's, and the budget (the book's 'Results at a glance')")
 
     status = sub.add_parser("status", help="say which experiments of a profile are up to date, and why not")
     status.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -50,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     from fmnist_core.pipeline.scale import add_plan_parser
     add_plan_parser(sub)
     return parser
+
+
+def experiments_and_profiles() -> str:
+    """The experiments and profiles, for ``run --help`` and ``build --help`` (``list`` gives their parameters)."""
+    from fmnist_core.pipeline.experiments import EXPERIMENTS
+    from fmnist_core.pipeline.runner import load_profiles
+    lines = ["experiments:"] + [f"  {name:<16}{exp.title}" for name, exp in EXPERIMENTS.items()] + ["profiles:"]
+    try:
+        lines += [f"  {name:<16}{profile.get('description', '')}" for name, profile in load_profiles().items()]
+    except FmnistBookError as err:
+        lines.append(f"  (none readable: {err})")
+    return "\n".join(lines + ["`fmnist-book list` shows every parameter with its default."])
 
 
 def cmd_run(args) -> int:
@@ -74,7 +89,7 @@ def cmd_run(args) -> int:
 
 def cmd_build(args) -> int:
     from fmnist_core.pipeline import book
-    from fmnist_core.core.io import PROJECT_ROOT
+    from fmnist_core.core.resources import work_root
     from fmnist_core.pipeline.runner import get_profile, run_profile
     from fmnist_core.pipeline.executors import make_executor, run_with_executor
     from fmnist_core.pipeline.runner import profile_experiments
@@ -85,7 +100,7 @@ def cmd_build(args) -> int:
     else:
         results = run_with_executor(executor, profile_experiments(args.profile), args.profile, None, args.force,
                                     args.results_dir, args.data_dir)
-    output = (args.output_dir or PROJECT_ROOT / "_build" / args.profile).resolve()
+    output = (args.output_dir or work_root() / "_build" / args.profile).resolve()
     index = book.build(args.profile, Path(args.results_dir).resolve(), output)
     failed = [r.experiment for r in results if r.status == "failed"]
     print(f"book ({args.profile}): {index}")
@@ -96,7 +111,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from fmnist_core.pipeline.runner import results_table
+    from fmnist_core.pipeline.runner import get_profile, results_table
+    if args.summary:
+        from fmnist_core.pipeline.summary import format_glance
+        get_profile(args.profile)
+        print(format_glance(args.profile, Path(args.results_dir)), end="")
+        return 0
     print(results_table(args.profile, Path(args.results_dir)))
     return 0
 
@@ -161,14 +181,16 @@ COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "status"
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except FmnistBookError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # what was kept and how to resume, without a traceback
+        from fmnist_core.pipeline.progress import interrupted_message
+        print(interrupted_message(err, argv), file=sys.stderr)
         return 130
 
 

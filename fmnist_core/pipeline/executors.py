@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
-from fmnist_core.core.jobs import FAILED_FILE, JOB_FILE, STARTED_FILE, Job, prepare_job
+from fmnist_core.core.jobs import FAILED_FILE, JOB_FILE, STARTED_FILE, Job, prepare_job, write_plan
 from fmnist_core.pipeline.experiments import get_experiment
 from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, worker_command, worker_env
 
@@ -136,8 +136,9 @@ def plan_study(experiment: str, profile: str, overrides=None, force=False, resul
     if prepared is None:
         return None
     run_dir, params = prepared
-    jobs = [job for job in exp.plan(exp.config.from_overrides(params, where=experiment), run_dir)
-            if not job.finished()]
+    planned = exp.plan(exp.config.from_overrides(params, where=experiment), run_dir)
+    write_plan(planned)  # what a progress display reads, as when the notebook runs them
+    jobs = [job for job in planned if not job.finished()]
     for job in jobs:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         if planned_key(job.out_dir) != job.key():  # a folder already planned may have a worker: left alone

@@ -24,9 +24,10 @@ class Experiment:
     The source a run depends on is derived from the notebook's imports (see
     :func:`fmnist_core.pipeline.runner.key_parts`). ``requires`` are experiments whose results this one
     needs (it fails without them); ``reads`` are experiments whose results it shows when they exist. The
-    keys of both are part of its key, so a new upstream result re-runs it. ``plan`` is the chapter's
-    ``plan_jobs(config, run_dir) -> list[Job]`` when its notebook trains through jobs: the jobs the notebook
-    will run, which an executor (:mod:`fmnist_core.pipeline.executors`) can run first, elsewhere.
+    keys of both are part of its key, so a new upstream result re-runs it. ``describes`` are other profiles
+    whose settings of this experiment its page quotes: those settings are part of its key too. ``plan`` is the
+    chapter's ``plan_jobs(config, run_dir) -> list[Job]`` when its notebook trains through jobs: the jobs the
+    notebook will run, which an executor (:mod:`fmnist_core.pipeline.executors`) can run first, elsewhere.
     """
 
     name: str
@@ -34,6 +35,7 @@ class Experiment:
     config: type[Config]
     requires: tuple[str, ...] = field(default=())
     reads: tuple[str, ...] = field(default=())
+    describes: tuple[str, ...] = field(default=())
     plan: Callable | None = None
 
 
@@ -45,7 +47,7 @@ EXPERIMENTS = {e.name: e for e in (
     Experiment("semisupervised", "Semi-supervised learning with a VAE", SemiSupStudyConfig,
                plan=semisupervised.plan_jobs),
     Experiment("fixmatch", "FixMatch with few labels", FixMatchStudyConfig, reads=("semisupervised",),
-               plan=fixmatch.plan_jobs),
+               describes=("standard", "paper"), plan=fixmatch.plan_jobs),
 )}
 
 

@@ -1,4 +1,4 @@
-"""``fmnist-book predict``: label images from a ``.npy`` file with any trained classifier of the book.
+"""``fmnist-book predict``: label images — a ``.npy`` array or image files — with any trained classifier of the book.
 
 The checkpoint's config says how to rebuild the model (``model``, ``in_channels``, ``image_size``,
 ``class_names``, and for the semi-supervised models their architecture) and how to feed it (``input``:
@@ -13,6 +13,10 @@ Accepted input: a ``.npy`` file (``np.save``) holding one array of shape (N, H, 
 
 Anything else (booleans, strings, object arrays, pickles, ``.npz`` archives, text) is refused with one
 message saying what was expected; nothing is ever unpickled (``allow_pickle=False``).
+
+Or image files (PNG, JPEG, WebP): files, folders and glob patterns, converted the way Fashion-MNIST's images
+were made (grey levels, padded to a square, resized, inverted when their background is light); see
+:mod:`fmnist_core.pipeline.image_input` for the rules and what is refused.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from fmnist_core.core.io import write_bytes_atomic
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.train import resolve_device
+from fmnist_core.pipeline.image_input import INVERT_CHOICES, is_image_input, read_images
 
 OUTPUT_SUFFIXES = (".npy", ".csv")
 _REQUIRED_KEYS = ("model", "in_channels", "image_size", "class_names")
@@ -170,8 +175,9 @@ def check_output(path, force: bool = False) -> Path:
     return path
 
 
-def predictions_bytes(probs: np.ndarray, class_names, suffix: str) -> bytes:
-    """``.npy``: the int64 labels; ``.csv``: index, label, class_name and prob_<class> for every class."""
+def predictions_bytes(probs: np.ndarray, class_names, suffix: str, files=None, inverted=None) -> bytes:
+    """``.npy``: the int64 labels; ``.csv``: index, label, class_name and prob_<class> for every class, after
+    index the columns file and inverted when the images came from ``files``."""
     labels = probs.argmax(axis=1).astype(np.int64)
     if suffix == ".npy":
         buffer = io.BytesIO()
@@ -179,23 +185,26 @@ def predictions_bytes(probs: np.ndarray, class_names, suffix: str) -> bytes:
         return buffer.getvalue()
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["index", "label", "class_name", *(f"prob_{name}" for name in class_names)])
+    named = ["file", "inverted"] if files is not None else []
+    writer.writerow(["index", *named, "label", "class_name", *(f"prob_{name}" for name in class_names)])
     for i, (label, row) in enumerate(zip(labels, probs)):
-        writer.writerow([i, int(label), class_names[label], *(f"{p:.6f}" for p in row)])
+        source = [str(files[i]), "yes" if inverted[i] else "no"] if files is not None else []
+        writer.writerow([i, *source, int(label), class_names[label], *(f"{p:.6f}" for p in row)])
     return text.getvalue().encode()
 
 
 # ------------------------------------------------------------------------------------------ the command
 def predict(run_dir, input_path, output_path, model: str | None = None, tta: int = 0, force: bool = False,
-            device: str = "auto") -> Path:
+            device: str = "auto", invert: str = "auto", log=print) -> Path:
     """Label the images of ``input_path`` with a finished run's best checkpoint; write ``output_path``.
 
     Parameters
     ----------
     run_dir : path
         A run directory with ``models/<model>/best.pt``, or a directory holding ``best.pt`` itself.
-    input_path : path
-        A ``.npy`` array of images (see the module docstring for what is accepted).
+    input_path : path, str or list of them
+        A ``.npy`` array of images, or image files, folders of them and glob patterns (see the module docstring
+        for what is accepted).
     output_path : path
         ``.npy`` (int64 labels) or ``.csv`` (index, label, class_name, prob_<class>...), written atomically.
     model : str, optional
@@ -206,6 +215,10 @@ def predict(run_dir, input_path, output_path, model: str | None = None, tta: int
         Overwrite an existing ``output_path``.
     device : str
         ``auto`` | ``cpu`` | ``cuda``.
+    invert : str
+        For image files: ``auto`` (invert those with a light background), ``yes`` or ``no``.
+    log : callable
+        Receives one line on how image files were converted.
 
     Returns
     -------
@@ -213,29 +226,50 @@ def predict(run_dir, input_path, output_path, model: str | None = None, tta: int
         ``output_path``. Nothing is written when anything is refused.
     """
     output_path = check_output(output_path, force)
+    device = _check_options(tta, device, invert)
+    items = [input_path] if isinstance(input_path, (str, Path)) else list(input_path)
+    # An unreadable .npy is refused before the model is loaded; image files are converted for the model's input.
+    array = None if is_image_input(items) else read_array(items[0])
+    net, state = load_trained(find_checkpoint(run_dir, model), rebuild_classifier, device)
+    config = state["config"]
+    shape = (config["in_channels"], config["image_size"], config["image_size"])
+    converted = read_images(items, shape[0], shape[1], invert) if array is None else None
+    source = str(items[0]) if array is not None else "image files"
+    images = images_from_array(array if array is not None else converted.images, shape, source).to(device)
+    probs = class_probabilities(net, config, images, tta).numpy()
+    named = (converted.files, converted.inverted) if converted else (None, None)
+    write_bytes_atomic(output_path, predictions_bytes(probs, list(config["class_names"]), output_path.suffix.lower(),
+                                                      *named))
+    if converted is not None:
+        log(converted.summary(invert))
+    return output_path
+
+
+def _check_options(tta, device: str, invert: str):
+    """Refuse a bad ``tta``, ``device`` or ``invert``; returns the device to use."""
     if not isinstance(tta, int) or tta < 0:
         raise FmnistBookError(f"tta must be a non-negative integer, got {tta!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise FmnistBookError("device is 'cuda' but no CUDA device is available")
-    device = resolve_device(device)
-    array = read_array(input_path)  # an unreadable input is refused before the model is loaded
-    net, state = load_trained(find_checkpoint(run_dir, model), rebuild_classifier, device)
-    config = state["config"]
-    shape = (config["in_channels"], config["image_size"], config["image_size"])
-    images = images_from_array(array, shape, str(input_path)).to(device)
-    probs = class_probabilities(net, config, images, tta).numpy()
-    write_bytes_atomic(output_path, predictions_bytes(probs, list(config["class_names"]), output_path.suffix.lower()))
-    return output_path
+    if invert not in INVERT_CHOICES:
+        raise FmnistBookError(f"invert must be one of {', '.join(INVERT_CHOICES)}, got {invert!r}")
+    return resolve_device(device)
 
 
 def add_predict_parser(subparsers):
     """Add ``predict`` to the ``fmnist-book`` sub-commands; returns its parser (handler: :func:`cmd_predict`)."""
-    parser = subparsers.add_parser("predict", help="label images (.npy) with a trained classifier of a finished run")
+    parser = subparsers.add_parser("predict", help="label images (.npy, PNG, JPEG, WebP) with a trained classifier "
+                                   "of a finished run")
     parser.add_argument("--run", type=Path, required=True, metavar="RESULTS_DIR",
                         help="the run directory (holding models/<name>/best.pt) or one model's directory")
     parser.add_argument("--model", default=None, help="which model of the run (needed when it has several)")
-    parser.add_argument("--input", type=Path, required=True, metavar="X.npy",
-                        help="images: (N, 28, 28), (N, 1, 28, 28) or (N, 784); uint8 0-255 or float 0-1")
+    parser.add_argument("--input", nargs="+", required=True, metavar="INPUT",
+                        help="one .npy file of images: (N, 28, 28), (N, 1, 28, 28) or (N, 784), uint8 0-255 or "
+                        "float 0-1; or PNG/JPEG/WebP files, folders of them, or quoted glob patterns ('shots/*.jpg'), "
+                        "each converted to 28x28 grey levels (padded to a square with its background, resized)")
+    parser.add_argument("--invert", choices=INVERT_CHOICES, default="auto",
+                        help="image files: make them light-on-dark like Fashion-MNIST; auto inverts those whose "
+                        "border is light (default: auto)")
     parser.add_argument("--output", type=Path, required=True, metavar="OUT",
                         help=".npy (labels) or .csv (labels, class names, probabilities)")
     parser.add_argument("--tta", type=int, default=0, help="test-time augmentation: extra shifted/flipped copies")
@@ -247,6 +281,6 @@ def add_predict_parser(subparsers):
 
 def cmd_predict(args) -> int:
     """Run ``fmnist-book predict``; errors are ``FmnistBookError`` for the CLI to print."""
-    path = predict(args.run, args.input, args.output, args.model, args.tta, args.force, args.device)
+    path = predict(args.run, args.input, args.output, args.model, args.tta, args.force, args.device, args.invert)
     print(f"predictions written to {path}")
     return 0

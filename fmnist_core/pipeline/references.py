@@ -21,9 +21,9 @@ import yaml
 
 from fmnist_core.core.config import load_yaml
 from fmnist_core.core.errors import FmnistBookError, one_line
-from fmnist_core.core.io import PROJECT_ROOT
+from fmnist_core.core.resources import project_file
 
-REFERENCES_PATH = PROJECT_ROOT / "references.yml"
+REFERENCES_PATH = project_file("references.yml")
 
 SECTIONS = ("source_reports", "literature")
 REPORT_FIELDS = {"key": True, "name": True, "document": True, "built": True, "architecture": True,

@@ -45,9 +45,12 @@ class Report:
         if event == "open" and isinstance(args[0], (str, Path)):
             self._opened.add(os.path.abspath(args[0]))
 
-    def figure(self, name: str, fig) -> Path:
-        """Save ``fig`` as ``figures/<name>.png`` and show it in the notebook."""
-        return plots.save(fig, self.figures / f"{name}.png")
+    def figure(self, name: str, fig) -> None:
+        """Save ``fig`` as ``figures/<name>.png`` and show it in the notebook.
+
+        Returns nothing, so a cell that ends with this call prints no path on the page.
+        """
+        plots.save(fig, self.figures / f"{name}.png")
 
     @staticmethod
     def glue(name: str, value, display: bool = False):

@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,12 +24,14 @@ import yaml
 from fmnist_core.core.config import load_yaml, unknown_name_message
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
-from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
+from fmnist_core.pipeline.progress import RunInterrupted, quiet_after_interrupt, show_progress
+from fmnist_core.core.io import read_json, write_json
 from fmnist_core.core.jobs import DONE_FILE, imported_modules, source_hashes
+from fmnist_core.core.resources import in_checkout, project_file, work_root
 
-NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-PROFILES_PATH = PROJECT_ROOT / "profiles.yml"
-DEFAULT_RESULTS = PROJECT_ROOT / "results"
+NOTEBOOK_DIR = project_file("notebooks")
+PROFILES_PATH = project_file("profiles.yml")
+DEFAULT_RESULTS = work_root() / "results"  # the checkout's results/, or ./results for an installed package
 
 
 # ------------------------------------------------------------------------------------------- profiles
@@ -87,7 +88,9 @@ def key_parts(experiment: str, profile: str, params: dict, results_dir: Path) ->
             "notebook": _sha256(notebook_path(experiment).read_bytes()),
             "sources": source_hashes(notebook_modules(experiment)),
             "upstream": {dep: finished_key(Path(results_dir) / profile / dep) or "missing"
-                         for dep in exp.requires + exp.reads}}
+                         for dep in exp.requires + exp.reads},
+            "described": {other: _sha256(json.dumps(resolve_params(experiment, other), sort_keys=True).encode())
+                          for other in exp.describes}}
 
 
 def notebook_modules(experiment: str) -> list[str]:
@@ -109,6 +112,9 @@ def key_of(parts: dict) -> str:
 def changed_parts(old: dict, new: dict) -> list[str]:
     """Names of the parts that differ between two :func:`key_parts` (e.g. ``fmnist_core/vae.py``)."""
     changed = [part for part in ("experiment", "profile", "parameters", "notebook") if old.get(part) != new.get(part)]
+    old_described, new_described = old.get("described", {}), new.get("described", {})
+    changed += [f"{name} profile's settings" for name in sorted(old_described.keys() | new_described.keys())
+                if old_described.get(name) != new_described.get(name)]
     for group, label in (("sources", "{}"), ("upstream", "upstream run {}")):
         names = old.get(group, {}).keys() | new.get(group, {}).keys()
         changed += [label.format(n) for n in sorted(names) if old.get(group, {}).get(n) != new.get(group, {}).get(n)]
@@ -214,9 +220,12 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
     try:
-        execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
+        with show_progress(partial, f"{experiment} [{profile}]"), quiet_after_interrupt():
+            execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
         if not (partial / "metrics.json").exists():
             raise RunError(f"notebook {notebook_path(experiment).name} finished without writing metrics.json")
+    except KeyboardInterrupt:  # the partial folder is kept to be resumed; the command says so
+        raise RunInterrupted(experiment, partial) from None
     except Exception as err:  # a failed chapter is reported, the others still run
         return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started)
     seconds = time.perf_counter() - started
@@ -257,14 +266,18 @@ def _partial_key(partial: Path) -> str | None:
 
 
 def execute_notebook(experiment, profile, params, run_dir: Path, results_dir: Path, data_dir) -> None:
-    """Execute the notebook; a cell progress bar in a terminal only (bars inside notebooks come out garbled)."""
+    """Execute the notebook (the command shows the jobs' progress, :mod:`fmnist_core.pipeline.progress`).
+
+    The kernel is stopped at once when the execution ends: a kernel still training when Ctrl-C stopped the
+    command is not asked to shut down politely, which would print its message handler's traceback.
+    """
     import papermill
     if data_dir:
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
     papermill.execute_notebook(
         str(notebook_path(experiment)), str(run_dir / f"{experiment}.ipynb"),
         parameters={"profile": profile, "params": params, "run_dir": str(run_dir), "results_dir": str(results_dir)},
-        kernel_name="python3", progress_bar=sys.stderr.isatty(), cwd=str(run_dir), log_output=False,
+        kernel_name="python3", progress_bar=False, cwd=str(run_dir), log_output=False, shutdown_kernel="immediate",
         # The kernel's own start-up chatter (a local TCP kernel) is not the notebook's; errors still show.
         extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
@@ -344,11 +357,13 @@ def run_device(params: dict):
 
 
 def git_commit() -> str | None:
-    """The checked-out commit, with ``-dirty`` when tracked files differ from it."""
+    """The checked-out commit, with ``-dirty`` when tracked files differ from it (``None`` when installed)."""
+    if not in_checkout():
+        return None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=work_root(), capture_output=True, text=True,
                                 timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=work_root(),
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

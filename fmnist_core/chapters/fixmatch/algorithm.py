@@ -1,17 +1,19 @@
 """FixMatch (Sohn et al. 2020): semi-supervised training from a few labels, on device-resident tensors.
 
 Each step takes ``B`` labeled images (weak augmentation) and ``mu * B`` unlabeled images, each seen twice:
-weakly augmented (flip and a translation of up to 12.5 %) and strongly augmented (the weak augmentation,
-then RandAugment and Cutout, :mod:`fmnist_core.core.randaugment`). The three groups go through the network in one
-concatenated forward pass, so batch-norm statistics see them together (on one device, the reference code's
-interleaving for multi-GPU batch norm is not needed). The loss is
+weakly augmented (flip and a translation of up to 12.5 %, reflect-padded as in the authors' code or
+zero-padded: ``weak_padding``) and strongly augmented (the weak augmentation, then RandAugment and Cutout,
+:mod:`fmnist_core.core.randaugment`, in the authors' variant or USB/TorchSSL's: ``randaugment``, ``cutout``).
+The three groups go through the network in one concatenated forward pass, so batch-norm statistics see
+them together (on one device, the reference code's interleaving for multi-GPU batch norm is not needed). The loss is
 
     L = CE(labeled) + lambda_u * mean_over_mu*B( 1[max p_weak >= tau] * CE(strong logits, argmax p_weak) ),
 
 with the weak-view prediction taken without gradient. SGD with Nesterov momentum, weight decay on weights
 only (:func:`fmnist_core.core.train.parameter_groups`), learning rate ``lr * cos(7 pi k / 16 K)`` over ``K`` steps
 (the loop's ``"fixmatch"`` schedule), and an exponential moving average (EMA) of the weights, which is the
-evaluated and reported model: the final EMA model, never one chosen on the test set.
+evaluated and reported model: the final EMA model, never one chosen on the test set, and beside it the
+authors' reported number, the median EMA test accuracy of the last 20 evaluations (``median_last``).
 
 Sampling: the labeled and the unlabeled images are each read in shuffled epochs (every image once per
 epoch, a fresh permutation each epoch, epochs concatenated so batches may straddle two), like the reference
@@ -37,8 +39,8 @@ import torch.nn.functional as F
 
 from fmnist_core.core import loop
 from fmnist_core.core.config import Config, param, require, require_choice
-from fmnist_core.core.data import (TRAIN_IMAGES, ImageDataset, Split, balanced_subset, job_dataset, save_indices,
-                                   subset, weak_augment)
+from fmnist_core.core.data import (PADDINGS, TRAIN_IMAGES, ImageDataset, Split, balanced_subset, channel_tensor,
+                                   job_dataset, permutation, save_indices, subset, weak_augment)
 from fmnist_core.core.errors import ConfigError
 from fmnist_core.core.io import write_json
 from fmnist_core.core.jobs import job_kind
@@ -52,12 +54,17 @@ DATASETS = ("fashion_mnist", "cifar10")
 BACKBONES = ("smallcnn", "wrn28_2", "lenet_avg", "lenet_max")
 SCHEDULE = "fixmatch"  # lr * cos(7 pi k / 16 K): FixMatch's schedule is part of the method, not a parameter
 EVAL_SUBSET_SEED = 0  # the same class-balanced test subset for every run when eval_images > 0
+# RandAugment variants: (probability that each operation is applied, magnitude levels; 0 = continuous)
+RANDAUGMENT_VARIANTS = {"authors": (0.5, 10), "always": (1.0, 0)}
+CUTOUT_VARIANTS = ("fixed", "random")
+CUTOUT_SIZE = 0.5  # Cutout side (or its largest value) as a fraction of the image side, in every variant
 
 
 # ------------------------------------------------------------------------------------------- parameters
 @dataclass
 class FixMatchMethod(Config):
-    """FixMatch's own parameters: data, backbone, step budget, loss, EMA, and the intervals of a run."""
+    """FixMatch's own parameters: data, backbone, step budget, loss, EMA, the intervals of a run, the reported
+    median, and the augmentation variants (the defaults are the authors' code: google-research/fixmatch)."""
 
     dataset: str = param("fashion_mnist", "fashion_mnist | cifar10")
     backbone: str = param("wrn28_2", "wrn28_2 (the paper's) | smallcnn | lenet_avg | lenet_max (CPU budgets)")
@@ -72,6 +79,14 @@ class FixMatchMethod(Config):
                                   "0 = only at the end")
     checkpoint_every: int = param(1024, "steps between resumable checkpoints")
     eval_images: int = param(0, "test images (class-balanced) for the EMA accuracy; 0 = all")
+    median_last: int = param(20, "the reported number beside the final EMA model's: the median EMA test accuracy "
+                                 "of the last this-many evaluations (the authors' protocol: 20)")
+    randaugment: str = param("authors", "authors: each of the 2 operations applied with probability 0.5 at a random "
+                                        "level 1-9 of 10 (google-research/fixmatch, kekmodel) | always: both applied, "
+                                        "magnitude uniform over the range (USB/TorchSSL)")
+    cutout: str = param("fixed", "fixed: a square of half the image side (the authors', kekmodel) | random: side "
+                                 "uniform up to half the image side (USB/TorchSSL)")
+    weak_padding: str = param("reflect", "padding of the weak translation: reflect (the authors', USB) | zeros")
 
     def check(self) -> None:
         super().check()
@@ -88,6 +103,10 @@ class FixMatchMethod(Config):
         require(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
         require(self.eval_images >= 0 and self.eval_images % 10 == 0, "eval_images",
                 "must be 0 (all) or a multiple of 10")
+        require(self.median_last >= 1, "median_last", f"must be at least 1, got {self.median_last}")
+        require_choice(self.randaugment, "randaugment", tuple(RANDAUGMENT_VARIANTS))
+        require_choice(self.cutout, "cutout", CUTOUT_VARIANTS)
+        require_choice(self.weak_padding, "weak_padding", PADDINGS)
 
 
 @dataclass
@@ -176,10 +195,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """One step of the average towards ``model``'s current parameters; copy its buffers."""
-        for averaged, current in zip(self.model.parameters(), model.parameters()):
-            averaged.mul_(self.decay).add_(current.detach(), alpha=1.0 - self.decay)
-        for averaged, current in zip(self.model.buffers(), model.buffers()):
-            averaged.copy_(current)
+        averaged, current = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        # One multi-tensor kernel per operation on CUDA; the CPU runs the same per-tensor arithmetic.
+        torch._foreach_mul_(averaged, self.decay)
+        torch._foreach_add_(averaged, current, alpha=1.0 - self.decay)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
     def state_dict(self) -> dict:
         return self.model.state_dict()
@@ -191,7 +213,11 @@ class EMA:
 # ---------------------------------------------------------------------------------------- batches
 class EpochStream:
     """Batches of indices into ``range(n)`` from shuffled epochs, each a permutation seeded by
-    ``(seed, stream, epoch)``: batch ``k`` is positions ``k*B .. (k+1)*B - 1`` of the epochs laid end to end."""
+    ``(seed, stream, epoch)``: batch ``k`` is positions ``k*B .. (k+1)*B - 1`` of the epochs laid end to end.
+
+    Every permutation is drawn on ``device`` by a generator there (:func:`fmnist_core.core.data.permutation`),
+    so a step never copies indices from the host, even when a few labels make every step start an epoch.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, stream: int, device):
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
@@ -201,9 +227,7 @@ class EpochStream:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._epochs:
             seed = int(np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0])
-            generator = torch.Generator().manual_seed(seed)
-            # Asynchronous copy: a blocking one would wait for the GPU's queued work.
-            self._epochs[epoch] = torch.randperm(self.n, generator=generator).to(self.device, non_blocking=True)
+            self._epochs[epoch] = permutation(self.n, torch.Generator(device=self.device).manual_seed(seed))
         return self._epochs[epoch]
 
     def indices(self, step: int) -> torch.Tensor:
@@ -249,16 +273,22 @@ class FixMatchBatches:
         Seed of the two index streams (augmentation draws from the generator passed to :meth:`draw`).
     supervised_only : bool
         Draw labeled images only (the baseline).
+    randaugment, cutout, weak_padding : str
+        The augmentation variants (:class:`FixMatchMethod`): a key of :data:`RANDAUGMENT_VARIANTS`, one of
+        :data:`CUTOUT_VARIANTS`, and the padding of the weak translation.
     """
 
     def __init__(self, labeled: Split, unlabeled: Split, batch_size: int, mu: int, seed: int,
-                 supervised_only: bool = False):
+                 supervised_only: bool = False, randaugment: str = "authors", cutout: str = "fixed",
+                 weak_padding: str = "reflect"):
         device = labeled.images.device
         self.labeled, self.unlabeled, self.supervised_only = labeled, unlabeled, supervised_only
-        self.pad = weak_pad(labeled.images.shape[-1])
-        # Made once: a tensor built from a list on every step would cost a blocking copy to a GPU each time.
-        self.mean = torch.tensor(labeled.mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(labeled.std, device=device).view(1, -1, 1, 1)
+        self.pad, self.padding = weak_pad(labeled.images.shape[-1]), weak_padding
+        prob, levels = RANDAUGMENT_VARIANTS[randaugment]
+        self.strong_options = {"cutout": CUTOUT_SIZE, "prob": prob, "levels": levels,
+                               "cutout_fixed": cutout == "fixed"}
+        # Made once per device: a tensor built from a list on every step would be a blocking copy to a GPU.
+        self.mean, self.std = channel_tensor(labeled.mean, device), channel_tensor(labeled.std, device)
         self.labeled_stream = EpochStream(len(labeled.labels), batch_size, seed, 0, device)
         self.unlabeled_stream = EpochStream(len(unlabeled.labels), mu * batch_size, seed, 1, device)
 
@@ -272,14 +302,15 @@ class FixMatchBatches:
         index = self.unlabeled_stream.indices(step)
         images = self.unlabeled.images[index]
         batch.weak = self._weak(images, generator)
-        strong = weak_augment(images, generator, self.pad).float() / 255.0
-        batch.strong = standardize(rand_augment(strong, generator), self.mean, self.std)
+        strong = weak_augment(images, generator, self.pad, padding=self.padding).float() / 255.0
+        batch.strong = standardize(rand_augment(strong, generator, **self.strong_options), self.mean, self.std)
         batch.true_labels = self.unlabeled.labels[index]
         return batch
 
     def _weak(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Flip and pad-and-crop (``uint8``), then standardise: ``data.normalize`` with cached statistics."""
-        return standardize(weak_augment(images, generator, self.pad).float() / 255.0, self.mean, self.std)
+        images = weak_augment(images, generator, self.pad, padding=self.padding)
+        return standardize(images.float() / 255.0, self.mean, self.std)
 
 
 # ----------------------------------------------------------------------------------------- the algorithm
@@ -315,8 +346,8 @@ class FixMatch(Algorithm):
 
     def batch_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The loss of ``batch`` (one forward pass over all its images) and its statistics: ``loss_x``,
-        ``loss_u``, ``masked`` (confident unlabeled images) and ``masked_correct`` (those whose pseudo-label
-        is right), 0-dim tensors on the device."""
+        ``loss_u``, ``correct`` (unlabeled images whose pseudo-label is right), ``masked`` (confident unlabeled
+        images) and ``masked_correct`` (confident and right), 0-dim tensors on the device."""
         parts = [batch.labeled] if batch.weak is None else [batch.labeled, batch.weak, batch.strong]
         device = batch.labeled.device
         self.runnable.train()
@@ -325,25 +356,29 @@ class FixMatch(Algorithm):
         if batch.weak is None:
             loss = F.cross_entropy(logits, batch.labels)
             zero = torch.zeros((), device=device)
-            return loss, {"loss_x": loss.detach(), "loss_u": zero, "masked": zero, "masked_correct": zero}
+            return loss, {"loss_x": loss.detach(), "loss_u": zero, "correct": zero, "masked": zero,
+                          "masked_correct": zero}
         logits_x, logits_weak, logits_strong = logits.split([len(p) for p in parts])
         out = fixmatch_loss(logits_x, batch.labels, logits_weak, logits_strong, self.threshold, self.lambda_u)
-        correct = (out["pseudo_labels"] == batch.true_labels).float() * out["mask"]
+        correct = (out["pseudo_labels"] == batch.true_labels).float()
         return out["loss"], {"loss_x": out["loss_x"].detach(), "loss_u": out["loss_u"].detach(),
-                             "masked": out["mask"].sum(), "masked_correct": correct.sum()}
+                             "correct": correct.sum(), "masked": out["mask"].sum(),
+                             "masked_correct": (correct * out["mask"]).sum()}
 
     def after_step(self, step):
         """One EMA update towards the weights just stepped."""
         self.ema.update(self.model)
 
     def summarize(self, sums, steps):
-        """Means per step; ``mask_ratio`` over the unlabeled images (``None`` for the baseline) and
-        ``pseudo_label_accuracy`` among the confident ones (``None`` when none passed the threshold).
+        """Means per step; ``mask_ratio`` over the unlabeled images, ``pseudo_label_accuracy`` of all their
+        pseudo-labels (the weak view's argmax against the true label) and ``confident_accuracy`` among the
+        confident ones only (``None`` for the baseline, and the last when none passed the threshold).
         The EMA fields are ``None`` except at evaluation steps, where :meth:`evaluate` fills them."""
         masked = sums["masked"]
         return {"loss": sums["loss"] / steps, "loss_x": sums["loss_x"] / steps, "loss_u": sums["loss_u"] / steps,
                 "mask_ratio": masked / (steps * self.unlabeled) if self.unlabeled else None,
-                "pseudo_label_accuracy": sums["masked_correct"] / masked if masked else None,
+                "pseudo_label_accuracy": sums["correct"] / (steps * self.unlabeled) if self.unlabeled else None,
+                "confident_accuracy": sums["masked_correct"] / masked if masked else None,
                 "ema_test_loss": None, "ema_test_accuracy": None}
 
     def evaluate(self):
@@ -386,7 +421,8 @@ def build_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir: Path) -> FixM
     index = torch.as_tensor(idx, device=device)
     labeled = Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
     unlabeled = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
-    batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, cfg.seed, cfg.supervised_only)
+    batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, cfg.seed, cfg.supervised_only,
+                              cfg.randaugment, cfg.cutout, cfg.weak_padding)
     torch.manual_seed(cfg.seed)  # initialisation
     c, h, _ = ds.image_shape
     raw, runnable = prepare_model(build_model(cfg.backbone, c, ds.num_classes, h), cfg, device)
@@ -415,7 +451,8 @@ def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
         The final EMA model (eval mode): the reported model.
     history : list of dict
         Every ``log_every`` steps (and at evaluation steps and the end): step, lr (of the record's last
-        step), loss, loss_x, loss_u, mask_ratio, pseudo_label_accuracy (among masked images), ema_test_loss
+        step), loss, loss_x, loss_u, mask_ratio, pseudo_label_accuracy (all unlabeled images), confident_accuracy
+        (among the confident ones), ema_test_loss
         and ema_test_accuracy (``None`` except every ``eval_every`` steps and at the end), seconds.
     """
     out_dir, device = Path(out_dir), resolve_device(cfg.device)
@@ -429,16 +466,37 @@ def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
     return algo.ema.model, history
 
 
+def median_of_last(history: list[dict], count: int, key: str = "ema_test_accuracy") -> tuple[float, int]:
+    """The median of ``key`` over the last ``count`` records that have it (all of them if fewer), and how many
+    that was: the authors' reported number (``scripts/extract_accuracy.py``: ``np.median(accuracies[-20:])``)."""
+    values = [r[key] for r in history if r.get(key) is not None][-count:]
+    if not values:
+        raise ValueError(f"no record has {key!r}")
+    return float(np.median(values)), len(values)
+
+
+def augmentation_label(cfg: FixMatchConfig) -> str:
+    """The augmentation variants of a run in words, e.g. ``RandAugment authors, Cutout fixed, reflect padding``
+    (``weak only, reflect padding`` for the labeled-only runs, which see no strong views)."""
+    weak = f"{cfg.weak_padding} padding"
+    return f"weak only, {weak}" if cfg.supervised_only else f"RandAugment {cfg.randaugment}, Cutout {cfg.cutout}, {weak}"
+
+
 @job_kind("fixmatch", FixMatchConfig)
 def run_fixmatch(cfg: FixMatchConfig, out_dir, log=print) -> dict:
-    """One FixMatch job on its dataset (:func:`train_fixmatch`); returns the final EMA model's test metrics.
+    """One FixMatch job on its dataset (:func:`train_fixmatch`); returns the EMA model's test metrics.
 
-    Wall-clock figures go to ``timings.json`` (``train_s``: training and evaluation; ``steps_per_s``)."""
+    ``test_accuracy``/``test_loss`` are the final EMA model's; ``median_test_accuracy`` is the median EMA test
+    accuracy of the last ``median_last`` evaluations (``median_evaluations`` of them: fewer when the run has
+    fewer), the number the FixMatch authors report. Wall-clock figures go to ``timings.json`` (``train_s``:
+    training and evaluation; ``steps_per_s``)."""
     out_dir = Path(out_dir)
     _, history = train_fixmatch(cfg, job_dataset(cfg.dataset, resolve_device(cfg.device)), out_dir, log)
     seconds = sum(r["seconds"] for r in history)
     write_json(out_dir / "timings.json", {"train_s": seconds, "steps_per_s": cfg.steps / seconds if seconds else None})
     final = history[-1]
-    return {"test_accuracy": final["ema_test_accuracy"], "test_loss": final["ema_test_loss"], "steps": cfg.steps,
+    median, evaluations = median_of_last(history, cfg.median_last)
+    return {"test_accuracy": final["ema_test_accuracy"], "test_loss": final["ema_test_loss"],
+            "median_test_accuracy": median, "median_evaluations": evaluations, "steps": cfg.steps,
             "num_labels": cfg.num_labels, "label_seed": cfg.label_seed, "supervised_only": cfg.supervised_only,
-            "model": "final EMA weights"}
+            "model": "final EMA weights", "augmentation": augmentation_label(cfg)}

@@ -6,15 +6,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_core.core import metrics
-from fmnist_core.core.config import param, require
+from fmnist_core.core.config import load_yaml, param, require
 from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset, job_dataset
 from fmnist_core.core.errors import FmnistBookError
-from fmnist_core.core.io import read_json
+from fmnist_core.core.io import PROJECT_ROOT, read_json
 from fmnist_core.core.jobs import Job, run_jobs
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.train import resolve_device
 from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, FixMatchTraining, eval_split
+
+
+PROFILES = PROJECT_ROOT / "profiles.yml"
+RESULT_KEYS = ("test_accuracy", "median_test_accuracy", "median_evaluations", "augmentation")
+REPORTED = {"test_accuracy": "final EMA model", "median_test_accuracy": "median of the last evaluations (the authors')"}
 
 
 @dataclass
@@ -26,6 +31,8 @@ class FixMatchStudyConfig(FixMatchTraining):
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
     ceiling_labels: int = param(60000, "labels of the fully supervised ceiling (0 = no ceiling run); it takes "
                                        "(1 + mu) B labeled images a step, as many as a FixMatch step sees")
+    ceiling_steps: int = param(0, "optimiser steps of the ceiling (0 = steps, the paper's equal budget); a "
+                                  "supervised step costs an eighth of a FixMatch step, so a CPU budget can afford more")
 
     def check(self) -> None:
         super().check()
@@ -35,6 +42,7 @@ class FixMatchStudyConfig(FixMatchTraining):
                                 f"({self.dataset}'s training images), got {self.label_counts}")
         require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
                 f"must list at least one seed, none negative, got {self.seeds}")
+        require(self.ceiling_steps >= 0, "ceiling_steps", f"must be 0 (= steps) or positive, got {self.ceiling_steps}")
         require(0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0, "ceiling_labels",
                 f"must be 0 (none) or a multiple of 10 up to {available:,} ({self.dataset}'s training images), "
                 f"got {self.ceiling_labels}")
@@ -45,8 +53,9 @@ class FixMatchStudyConfig(FixMatchTraining):
                                             "supervised_only": supervised_only}, *layers)
 
     def ceiling_layer(self) -> dict:
-        """The ceiling sees as many images per step as a FixMatch step, (1 + mu) B, all of them labeled."""
-        return {"batch_size": (1 + self.mu) * self.batch_size}
+        """The ceiling sees as many images per step as a FixMatch step, (1 + mu) B, all of them labeled, for
+        ``ceiling_steps`` steps (``steps`` when 0)."""
+        return {"batch_size": (1 + self.mu) * self.batch_size, "steps": self.ceiling_steps or self.steps}
 
 
 def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
@@ -83,11 +92,13 @@ def run_study(cfg: FixMatchStudyConfig, run_dir, log=print) -> tuple[ImageDatase
         The data every job trained on.
     rows : list of dict
         One per job: method, num_labels, seed, run (its folder under ``runs/``), the final EMA model's
-        test_accuracy, and its history.
+        test_accuracy, the authors' median_test_accuracy (median EMA test accuracy of the last ``median_last``
+        evaluations) with median_evaluations (how many there were), the augmentation variants in words, and
+        its history.
     """
     ds = job_dataset(cfg.dataset, resolve_device(cfg.device))
     jobs = plan_jobs(cfg, run_dir)
-    return ds, [{**job.info, "run": job.out_dir.name, "test_accuracy": result["test_accuracy"],
+    return ds, [{**job.info, "run": job.out_dir.name, **{k: result[k] for k in RESULT_KEYS},
                  "history": read_json(job.out_dir / "history.json")} for job, result in zip(jobs, run_jobs(jobs, log))]
 
 
@@ -101,9 +112,35 @@ def test_confusion(run_path, cfg: FixMatchStudyConfig, ds: ImageDataset) -> list
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (method, label count), named ``model`` for the shared accuracy chart."""
-    summary = metrics.summarise_seeds(rows, ("method", "num_labels"), ("test_accuracy",))
+    """Mean ± std over seeds per (method, label count, augmentation) of both reported numbers (the final EMA
+    model's ``test_accuracy`` and the authors' ``median_test_accuracy``: :data:`REPORTED`), with the fewest
+    evaluations any seed's median was taken over; named ``model`` for the shared accuracy chart."""
+    summary = metrics.summarise_seeds(rows, ("method", "num_labels", "augmentation"), tuple(REPORTED))
+    for entry in summary:
+        entry["median_evaluations"] = min(r["median_evaluations"] for r in rows
+                                          if (r["method"], r["num_labels"], r["augmentation"])
+                                          == (entry["method"], entry["num_labels"], entry["augmentation"]))
     return [{"model": s.pop("method"), **s} for s in summary]
+
+
+def profile_params(profile: str, path: Path = PROFILES) -> dict:
+    """The study's resolved parameters under ``profile`` of ``profiles.yml``: its ``fixmatch`` entry over the
+    defaults, validated (what the runner passes a build of that profile), as plain values."""
+    entry = (load_yaml(Path(path).read_text())[profile]["experiments"].get("fixmatch") or {})
+    return FixMatchStudyConfig.from_overrides(entry, where=f"profile {profile!r}, fixmatch").to_dict()
+
+
+def protocol(params: dict) -> str:
+    """A profile's FixMatch protocol in words, from its resolved parameters (a :class:`FixMatchStudyConfig`'s
+    ``to_dict()``): budget, backbone, seeds, evaluations, what the median is taken over, augmentation."""
+    evaluations = params["steps"] // params["eval_every"] if params["eval_every"] else 1
+    unlabeled = params["mu"] * params["batch_size"]
+    return (f"{params['steps']:,} steps of B = {params['batch_size']} labeled + μB = {unlabeled} unlabeled images "
+            f"on {params['backbone']} at {', '.join(f'{n:,}' for n in params['label_counts'])} labels, "
+            f"{len(params['seeds'])} seed(s), an EMA test evaluation every "
+            f"{params['eval_every'] or params['steps']:,} steps ({evaluations:,} per run; the median of the last "
+            f"{min(params['median_last'], evaluations)}), RandAugment {params['randaugment']}, Cutout "
+            f"{params['cutout']}, {params['weak_padding']} padding")
 
 
 def semisup_results(results_dir, label_counts) -> list[dict]:

@@ -42,7 +42,7 @@ from torch import nn
 from fmnist_core.core import loop, metrics
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import (TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, Splits, balanced_subset, job_dataset,
-                                   make_splits, save_indices, tta_augment, weak_augment)
+                                   make_splits, permutation, save_indices, tta_augment, weak_augment)
 from fmnist_core.core.errors import ConfigError
 from fmnist_core.core.generative import kl_divergence, reconstruction_loss, reparameterize, to_unit, vae_loss
 from fmnist_core.core.io import write_json
@@ -563,7 +563,7 @@ def unit_split(split: Split) -> Split:
 
 # ------------------------------------------------------------------------------------------- training
 def _permutation(n: int, generator: torch.Generator, device) -> torch.Tensor:
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
+    return permutation(n, generator).to(device)
 
 
 def _unit_batch(images: torch.Tensor, augment: bool, generator: torch.Generator) -> torch.Tensor:
