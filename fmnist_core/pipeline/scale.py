@@ -11,13 +11,14 @@ from pathlib import Path
 
 from fmnist_core.core.data import TRAIN_IMAGES
 from fmnist_core.core.errors import FmnistBookError
-from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.io import read_json
+from fmnist_core.core.resources import project_file
 from fmnist_core.core.jobs import FAILED_FILE, STARTED_FILE, Job
 from fmnist_core.pipeline.executors import live_worker
 from fmnist_core.pipeline.workers import job_log
 from fmnist_core.pipeline.experiments import get_experiment
 
-STEP_TIMES = PROJECT_ROOT / "bench" / "results" / "step_times.json"
+STEP_TIMES = project_file("bench", "results", "step_times.json")
 PROGRESS_FILE = "progress.json"
 
 
@@ -109,7 +110,7 @@ def plan_lines(profile: str, results_dir, device: str | None = None) -> list[str
                          f"{format_hours(seconds) if seconds is not None else 'unknown'}{done}")
     known = f"≈ {format_hours(total_s)} for {count - unknown} job(s) on {device}" if count > unknown else ""
     lines.append(f"{count} jobs: " + "; ".join(filter(None, [known, f"{unknown} of unknown cost" if unknown else ""]))
-                 + f" (seconds per step as recorded in {STEP_TIMES.parent.relative_to(PROJECT_ROOT)}/; "
+                 + " (seconds per step as recorded in bench/results/; "
                    "`python bench/step_times.py RUN_DIR` records those of finished jobs)")
     return lines
 
