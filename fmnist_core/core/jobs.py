@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from fmnist_core.core.progress import PLAN_FILE
 PACKAGE = "fmnist_core"
 PACKAGE_DIR = PROJECT_ROOT / PACKAGE
 JOB_FILE, METRICS_FILE, DONE_FILE = "job.json", "metrics.json", "done.json"
+STARTED_FILE, FAILED_FILE = "started.json", "failed.json"  # written by a worker (``main``) in its job's folder
 
 
 @dataclass(frozen=True)
@@ -109,18 +111,27 @@ def run_job(job: Job, log=print) -> dict:
     key, spec = job.key(), get_kind(job.kind)
     if finished_key(job.out_dir) == key:
         return read_json(job.out_dir / METRICS_FILE)
-    job_file = job.out_dir / JOB_FILE
-    if job_file.exists() and _read_key(job_file) != key:
-        shutil.rmtree(job.out_dir)  # another config's checkpoints must never be resumed
-    (job.out_dir / DONE_FILE).unlink(missing_ok=True)
-    write_json(job_file, {"kind": job.kind, "module": spec.module, "label": job.label, "key": key,
-                          "config": job.config.to_dict()})
+    prepare_job(job, key)
     started = time.perf_counter()
     metrics = spec.run(job.config, job.out_dir, log)
     write_json(job.out_dir / METRICS_FILE, metrics)
     write_json(job.out_dir / DONE_FILE, {"key": key, "seconds": round(time.perf_counter() - started, 1),
                                          "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     return metrics
+
+
+def prepare_job(job: Job, key: str | None = None) -> str:
+    """Make ``job.out_dir`` ready to run ``job`` (a worker in another process reads its ``job.json``):
+    a folder of another key is cleared, the markers of an earlier attempt are removed; returns the key."""
+    key, spec = key or job.key(), get_kind(job.kind)
+    job_file = job.out_dir / JOB_FILE
+    if job_file.exists() and _read_key(job_file) != key:
+        shutil.rmtree(job.out_dir)  # another config's checkpoints must never be resumed
+    for marker in (DONE_FILE, FAILED_FILE):
+        (job.out_dir / marker).unlink(missing_ok=True)
+    write_json(job_file, {"kind": job.kind, "module": spec.module, "label": job.label, "key": key,
+                          "config": job.config.to_dict()})
+    return key
 
 
 def run_jobs(jobs: list[Job], log=print) -> list[dict]:
@@ -225,14 +236,28 @@ def main(argv=None) -> int:
     if len(argv) != 1:
         print("usage: python -m fmnist_core.core.jobs JOB_DIR", file=sys.stderr)
         return 2
+    job_dir = Path(argv[0])
     try:
-        job = load_job(argv[0])
+        job = load_job(job_dir)
+        write_json(job_dir / STARTED_FILE, worker_record())
         run_job(job)
-    except FmnistBookError as err:
+    except BaseException as err:  # recorded for ``fmnist-book status`` and the executor, then reported
+        if (job_dir / JOB_FILE).exists():
+            write_json(job_dir / FAILED_FILE, {**worker_record(), "error": f"{type(err).__name__}: {err}"})
+        if not isinstance(err, FmnistBookError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"{job.label}: done ({job.out_dir})")
     return 0
+
+
+def worker_record() -> dict:
+    """Where and when a worker runs: host, process id, Slurm job id (when under Slurm) and time."""
+    slurm = os.environ.get("SLURM_ARRAY_JOB_ID")
+    slurm_id = f"{slurm}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if slurm else os.environ.get("SLURM_JOB_ID")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": slurm_id,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 if __name__ == "__main__":

@@ -25,11 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override a parameter (VALUE is read as YAML: 3, 0.1, true, [a, b])")
     run.add_argument("--force", action="store_true", help="run even if an identical finished run exists")
+    from fmnist_core.pipeline.executors import add_executor_options
+    add_executor_options(run)
 
     build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book", **catalogue)
     build.add_argument("--profile", default=DEFAULT_PROFILE)
     build.add_argument("--force", action="store_true")
     build.add_argument("--output-dir", type=Path, default=None, help="default: _build/<profile>")
+    add_executor_options(build)
 
     results = sub.add_parser("results", help="print the key metrics of every finished run")
     results.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -47,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("data", help="find (or download) Fashion-MNIST, verify it, and say where it is")
     from fmnist_core.pipeline.predict import add_predict_parser
     add_predict_parser(sub)
+    from fmnist_core.pipeline.scale import add_plan_parser
+    add_plan_parser(sub)
     return parser
 
 
@@ -69,7 +74,13 @@ def cmd_run(args) -> int:
         if name in overrides:
             raise FmnistBookError(f"parameter {name!r} given twice")
         overrides[name] = parse_cli_value(value)
-    result = run_experiment(args.experiment, args.profile, overrides, args.force, args.results_dir, args.data_dir)
+    from fmnist_core.pipeline.executors import make_executor, run_with_executor
+    executor = make_executor(args, args.profile, args.results_dir)
+    if executor is None:
+        result = run_experiment(args.experiment, args.profile, overrides, args.force, args.results_dir, args.data_dir)
+    else:
+        [result] = run_with_executor(executor, [args.experiment], args.profile, overrides, args.force,
+                                     args.results_dir, args.data_dir)
     if result.status == "failed":
         print(f"error: {args.experiment} failed: {result.error}", file=sys.stderr)
         return 1
@@ -80,8 +91,15 @@ def cmd_build(args) -> int:
     from fmnist_core.pipeline import book
     from fmnist_core.core.resources import work_root
     from fmnist_core.pipeline.runner import get_profile, run_profile
+    from fmnist_core.pipeline.executors import make_executor, run_with_executor
+    from fmnist_core.pipeline.runner import profile_experiments
     get_profile(args.profile)
-    results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)
+    executor = make_executor(args, args.profile, args.results_dir)
+    if executor is None:
+        results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)
+    else:
+        results = run_with_executor(executor, profile_experiments(args.profile), args.profile, None, args.force,
+                                    args.results_dir, args.data_dir)
     output = (args.output_dir or work_root() / "_build" / args.profile).resolve()
     index = book.build(args.profile, Path(args.results_dir).resolve(), output)
     failed = [r.experiment for r in results if r.status == "failed"]
@@ -107,6 +125,9 @@ def cmd_status(args) -> int:
     from fmnist_core.pipeline.runner import run_states
     for experiment, state in run_states(args.profile, args.results_dir):
         print(f"{experiment:<16} {state}")
+    from fmnist_core.pipeline.scale import job_status_lines
+    for line in job_status_lines(args.profile, args.results_dir):
+        print(line)
     return 0
 
 
@@ -150,8 +171,13 @@ def cmd_predict(args) -> int:
     return predict_command(args)
 
 
+def cmd_plan(args) -> int:
+    from fmnist_core.pipeline.scale import cmd_plan as plan_command
+    return plan_command(args)
+
+
 COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "status": cmd_status,
-            "verify": cmd_verify, "list": cmd_list, "data": cmd_data, "predict": cmd_predict}
+            "verify": cmd_verify, "list": cmd_list, "data": cmd_data, "predict": cmd_predict, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:

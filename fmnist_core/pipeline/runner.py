@@ -159,11 +159,12 @@ def run_lock(results_dir: Path, profile: str, experiment: str):
 
 
 def run_experiment(experiment: str, profile: str = "quick", overrides: dict | None = None, force: bool = False,
-                   results_dir: Path = DEFAULT_RESULTS, data_dir=None, log=print) -> RunResult:
+                   results_dir: Path = DEFAULT_RESULTS, data_dir=None, log=print, prepared: bool = False) -> RunResult:
     """Execute ``notebooks/<experiment>.ipynb`` for ``profile`` unless an identical run has finished.
 
     Parameters are validated before anything is written; a failure leaves the previous finished run (if
-    any) in place and records the error in ``<experiment>.failed.json`` for the book to show.
+    any) in place and records the error in ``<experiment>.failed.json`` for the book to show. ``prepared``:
+    :func:`prepare_run` made the run folder (and an executor ran its jobs there): it is used as it is.
     """
     results_dir = Path(results_dir).resolve()
     params = resolve_params(experiment, profile, overrides)
@@ -178,13 +179,14 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
         missing = [d for d in get_experiment(experiment).requires if finished_key(results_dir / profile / d) is None]
         if missing:
             return _record_failure(final, experiment, profile, f"needs the finished run(s) {', '.join(missing)} first")
-        return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log)
+        return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared)
 
 
-def _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log) -> RunResult:
-    key = key_of(parts)
+def prepare_partial(final: Path, key: str, params: dict, force: bool, keep: bool = False) -> Path:
+    """The run folder ``<final>.partial`` made ready for a run of ``key`` (cleared unless ``keep``, when it
+    holds another key's run or ``force``; the finished jobs of ``final`` carried in unless ``force``)."""
     partial = final.with_name(final.name + ".partial")
-    if force or _partial_key(partial) not in (None, key):
+    if not keep and (force or _partial_key(partial) not in (None, key)):
         shutil.rmtree(partial, ignore_errors=True)  # checkpoints of other parameters must not be resumed
     partial.mkdir(parents=True, exist_ok=True)
     for leftover in partial.rglob(".*.tmp"):  # half-written files of a killed run (never renamed into place)
@@ -192,6 +194,29 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     if not force:  # --force re-runs every job too
         carry_finished_jobs(final, partial)
     write_json(partial / "run.json", {"key": key, "params": params})
+    return partial
+
+
+def prepare_run(experiment: str, profile: str, overrides: dict | None = None, force: bool = False,
+                results_dir: Path = DEFAULT_RESULTS) -> tuple[Path, dict] | None:
+    """Make the run folder of ``experiment`` ready, so that an executor can run its jobs before the notebook;
+    ``(run folder, parameters)``, or ``None`` when the finished run is up to date or a required run is missing
+    (:func:`run_experiment` then says so). Its jobs' folders stay valid when an upstream run finishes later."""
+    results_dir = Path(results_dir).resolve()
+    params = resolve_params(experiment, profile, overrides)
+    final = results_dir / profile / experiment
+    with run_lock(results_dir, profile, experiment):
+        recover_interrupted_swap(final)
+        key = run_key(experiment, profile, params, results_dir)
+        if not force and finished_key(final) == key and not failure_path(final).exists():
+            return None
+        if any(finished_key(results_dir / profile / d) is None for d in get_experiment(experiment).requires):
+            return None
+        return prepare_partial(final, key, params, force), params
+
+
+def _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared=False) -> RunResult:
+    partial = prepare_partial(final, key_of(parts), params, force and not prepared, keep=prepared)
     log(f"{experiment} [{profile}]: running in {partial}")
     started = time.perf_counter()
     try:

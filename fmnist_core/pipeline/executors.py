@@ -1,0 +1,207 @@
+"""Executors: where the jobs of a profile run — in the notebook's kernel, in local worker processes, or on Slurm.
+
+``inline`` (the default) is what a notebook does by itself: it runs its study's jobs one after the other. The
+other executors run every planned job first, each in a fresh process (``python -m fmnist_core.core.jobs
+JOB_DIR``, which gives the same bytes as inline: a job seeds itself from its config), then execute the
+notebooks, which find their jobs finished and only gather. Experiments wait for the runs they ``require``:
+their jobs are planned only once those runs have finished (:func:`run_with_executor`).
+
+A job folder has one writer, the worker running it; what the others know of it comes from its marker files
+(``job.json`` planned, ``started.json``, ``failed.json``, ``done.json``, written atomically by renames) — no
+file lock, so the results folder may be on a filesystem shared by many nodes. A worker's output goes to
+``<job folder>.log``, beside its folder.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
+from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.jobs import FAILED_FILE, JOB_FILE, STARTED_FILE, Job, prepare_job, write_plan
+from fmnist_core.pipeline.experiments import get_experiment
+from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, worker_command, worker_env
+
+EXECUTORS = ("inline", "local", "slurm")
+
+
+# ---------------------------------------------------------------------------------------- local pool
+class LocalExecutor:
+    """A pool of worker processes on this machine: ``workers`` at a time, or one per GPU of ``gpus``
+    (each worker sees only its GPU, through ``CUDA_VISIBLE_DEVICES``)."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1, gpus: list[str] | None = None):
+        if workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+        self.slots = list(gpus) if gpus else [None] * workers
+
+    def run(self, studies: dict[str, list[Job]], log=print) -> list[JobFailure]:
+        """Run every job of ``studies`` (study -> unfinished jobs); the failures, the others having finished."""
+        queue = [(study, job) for study, jobs in studies.items() for job in jobs]
+        busy = [(study, job) for study, job in queue if live_worker(job.out_dir)]
+        queue = [item for item in queue if item not in busy]  # one writer per job folder
+        total, running, free = len(queue), {}, list(self.slots)
+        failures = [JobFailure(study, job.label, job.out_dir, job_log(job.out_dir),
+                               f"already running in process {live_worker(job.out_dir)} (an earlier command's "
+                               "worker): wait for it, or stop it, then run this command again") for study, job in busy]
+        try:
+            while queue or running:
+                while queue and free:
+                    study, job = queue.pop(0)
+                    slot = free.pop(0)
+                    running[self._start(job, slot)] = (study, job, slot)
+                for proc in [p for p in running if p.poll() is not None]:
+                    study, job, slot = running.pop(proc)
+                    free.append(slot)
+                    failures += self._finished(study, job, proc.returncode, total - len(queue) - len(running), total,
+                                               log)
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            for proc in running:
+                proc.terminate()
+            for proc in running:
+                proc.wait()
+            log(f"interrupted: {len(running)} running job(s) stopped; their checkpoints stay, and running the "
+                "same command again resumes them")
+            raise
+        return failures
+
+    @staticmethod
+    def _start(job: Job, gpu: str | None) -> subprocess.Popen:
+        log = open(job_log(job.out_dir), "ab")
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job.out_dir))}\n".encode())
+        log.flush()
+        with log:  # the child keeps its own descriptor
+            return subprocess.Popen(worker_command(job.out_dir), stdout=log, stderr=subprocess.STDOUT,
+                                    env=worker_env(gpu), cwd=PROJECT_ROOT)
+
+    @staticmethod
+    def _finished(study: str, job: Job, code: int, done: int, total: int, log) -> list[JobFailure]:
+        if code == 0 and job.finished():
+            log(f"  [{done}/{total}] {study}/{job.label}: done")
+            return []
+        failure = JobFailure(study, job.label, job.out_dir, job_log(job.out_dir),
+                             failure_reason(job.out_dir, f"exit status {code}"))
+        log(f"  [{done}/{total}] {failure.describe()}")
+        return [failure]
+
+
+def live_worker(job_dir: Path) -> int | None:
+    """The process id of a worker still running the job in ``job_dir`` on this host (from its
+    ``started.json``), or ``None``."""
+    try:
+        record = read_json(Path(job_dir) / STARTED_FILE) if (Path(job_dir) / STARTED_FILE).exists() else {}
+        if record.get("host") != socket.gethostname() or (Path(job_dir) / FAILED_FILE).exists():
+            return None
+        os.kill(int(record["pid"]), 0)
+        return int(record["pid"])
+    except (FmnistBookError, OSError, KeyError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+def make_executor(args, profile: str, results_dir: Path):
+    """The executor that ``args`` (``--executor`` and its options) ask for; ``None`` for ``inline``."""
+    name = getattr(args, "executor", "inline") or "inline"
+    if name == "inline":
+        return None
+    if name == "local":
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        return LocalExecutor(args.workers, gpus)
+    from fmnist_core.pipeline.slurm import SlurmExecutor, options_from_args
+    return SlurmExecutor(options_from_args(args), Path(results_dir).resolve() / profile / ".slurm",
+                         reattach=reattach_command(args))
+
+
+def reattach_command(args) -> str:
+    """The command line that was given (running it again re-attaches to the jobs it submitted)."""
+    return "fmnist-book " + shlex.join(sys.argv[1:]) if sys.argv[1:] else f"fmnist-book {args.command} ..."
+
+
+def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None) -> list[Job] | None:
+    """The unfinished jobs of ``experiment``'s run, planned in its run folder (made ready for the notebook)
+    with their ``job.json`` written; ``None`` when it has no jobs, is up to date, or waits for a required run."""
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, prepare_run
+    exp = get_experiment(experiment)
+    if exp.plan is None:
+        return None
+    prepared = prepare_run(experiment, profile, overrides, force, results_dir or DEFAULT_RESULTS)
+    if prepared is None:
+        return None
+    run_dir, params = prepared
+    planned = exp.plan(exp.config.from_overrides(params, where=experiment), run_dir)
+    write_plan(planned)  # what a progress display reads, as when the notebook runs them
+    jobs = [job for job in planned if not job.finished()]
+    for job in jobs:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        if planned_key(job.out_dir) != job.key():  # a folder already planned may have a worker: left alone
+            prepare_job(job)
+    return jobs
+
+
+def planned_key(job_dir: Path) -> str | None:
+    """The key in ``job_dir/job.json``, or ``None``."""
+    try:
+        return read_json(job_dir / JOB_FILE).get("key") if (job_dir / JOB_FILE).exists() else None
+    except FmnistBookError:
+        return None
+
+
+def waves(experiments: list[str]) -> list[list[str]]:
+    """``experiments`` in groups: each group only requires runs of earlier groups (or none of these)."""
+    pending, groups = list(experiments), []
+    while pending:
+        group = [e for e in pending if not set(get_experiment(e).requires) & set(pending)]
+        if not group:
+            raise ConfigError(f"experiments {', '.join(pending)} require each other")
+        groups.append(group)
+        pending = [e for e in pending if e not in group]
+    return groups
+
+
+def run_with_executor(executor, experiments: list[str], profile: str, overrides=None, force=False,
+                      results_dir=None, data_dir=None, log=print) -> list:
+    """Run the jobs of ``experiments`` through ``executor``, then their notebooks (which only gather), wave by
+    wave (:func:`waves`); a study with a failed job is recorded as failed, naming the job and its log."""
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, RunResult, _record_failure, run_experiment
+    results_dir = Path(results_dir or DEFAULT_RESULTS).resolve()
+    if data_dir:  # the workers read the data where the notebooks would
+        os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
+    results = []
+    for group in waves(experiments):
+        planned = {e: plan_study(e, profile, overrides, force, results_dir) for e in group}
+        studies = {e: jobs for e, jobs in planned.items() if jobs}
+        if studies:
+            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]")
+        failures = executor.run(studies, log) if studies else []
+        for experiment in group:
+            failed = [f for f in failures if f.study == experiment]
+            if failed:
+                error = "; ".join(f.describe() for f in failed)
+                results.append(_record_failure(results_dir / profile / experiment, experiment, profile, error))
+                log(f"{experiment} [{profile}]: FAILED: {error}")
+                continue
+            try:
+                results.append(run_experiment(experiment, profile, overrides, force, results_dir, data_dir, log,
+                                              prepared=planned[experiment] is not None))
+            except RunError as err:
+                results.append(RunResult(experiment, "failed", results_dir / profile / experiment, error=str(err)))
+    return results
+
+
+def add_executor_options(parser) -> None:
+    """``--executor`` and its options, for ``run`` and ``build``."""
+    group = parser.add_argument_group("where jobs run")
+    group.add_argument("--executor", choices=EXECUTORS, default="inline",
+                       help="inline: in the notebook (default); local: worker processes here; slurm: job arrays")
+    group.add_argument("--workers", type=int, default=2, help="local: jobs at a time (default 2)")
+    group.add_argument("--gpus", default=None, help="local: one job per GPU of this list, e.g. 0,1,2,3")
+    from fmnist_core.pipeline.slurm import add_slurm_options
+    add_slurm_options(group)

@@ -1,0 +1,81 @@
+"""Worker processes: one planned job run in a fresh process (``python -m fmnist_core.core.jobs JOB_DIR``), its
+output in ``<job folder>.log`` beside its folder, and how a job that did not finish is described."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fmnist_core.core.errors import FmnistBookError, RunError
+from fmnist_core.core.io import PROJECT_ROOT, read_json
+from fmnist_core.core.jobs import FAILED_FILE
+
+
+@dataclass
+class JobFailure:
+    """A job that ended without finishing: its study, label, folder, log and what went wrong."""
+
+    study: str
+    label: str
+    job_dir: Path
+    log: Path
+    error: str
+
+    def describe(self) -> str:
+        return f"job {self.study}/{self.label} failed: {self.error} (log: {self.log})"
+
+
+def job_log(job_dir) -> Path:
+    """Where a worker's output goes: ``<job folder>.log``, beside the folder (which the job may clear)."""
+    job_dir = Path(job_dir)
+    return job_dir.with_name(job_dir.name + ".log")
+
+
+def worker_command(job_dir) -> list[str]:
+    """The command that runs one planned job in a fresh process."""
+    return [sys.executable, "-m", "fmnist_core.core.jobs", str(job_dir)]
+
+
+def worker_env(gpu: str | None = None) -> dict:
+    """This process's environment, with this project first on ``PYTHONPATH`` (a worker imports the code that
+    planned its job) and, for ``gpu``, ``CUDA_VISIBLE_DEVICES`` pinned to it."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def failure_reason(job_dir, fallback: str) -> str:
+    """What the worker recorded in ``failed.json``, else the last line of its log, else ``fallback``."""
+    marker = Path(job_dir) / FAILED_FILE
+    try:
+        if marker.exists():
+            return read_json(marker)["error"]
+    except (FmnistBookError, KeyError, ValueError):
+        pass
+    lines = job_log(job_dir).read_text(errors="replace").strip().splitlines() if job_log(job_dir).exists() else []
+    return f"{fallback}: {lines[-1]}" if lines else fallback
+
+
+def run_worker(job_dir, gpu: str | None = None) -> None:
+    """Run one planned job in a fresh process, its output appended to its log; raise if it did not finish."""
+    log_path = job_log(job_dir)
+    with open(log_path, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job_dir))}\n".encode())
+        log.flush()
+        # Slurm signals every process of a task before preempting it or at its time limit (SIGUSR2, submitit's
+        # cue to requeue it); the job itself ignores it and is stopped only when the task exits.
+        code = subprocess.run(worker_command(job_dir), stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu),
+                              cwd=PROJECT_ROOT, preexec_fn=_ignore_checkpoint_signal).returncode
+    if code != 0:
+        raise RunError(failure_reason(job_dir, f"exit status {code}") + f" (log: {log_path})")
+
+
+def _ignore_checkpoint_signal() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
