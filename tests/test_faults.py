@@ -225,11 +225,15 @@ def test_one_failing_chapter_does_not_stop_the_build(smoke_copy, tmp_path, capsy
 
 def test_corrupt_results_files_are_named_in_one_message(smoke_copy, capsys):
     metrics = smoke_copy / "smoke" / "vae" / "metrics.json"
-    metrics.write_text(metrics.read_text()[:100])
+    intact = metrics.read_text()
+    metrics.write_text(intact[:100])
     code = cli.main(["--results-dir", str(smoke_copy), "results", "--profile", "smoke"])
     err = capsys.readouterr().err
     assert code == 2 and f"{metrics}: not a readable JSON file" in err and "Traceback" not in err
+    with pytest.raises(FmnistBookError, match="vae/metrics.json: not a readable JSON file"):
+        book.assemble("smoke", smoke_copy, smoke_copy / "source")  # the glance page reads every run's metrics
 
+    metrics.write_text(intact)
     notebook = smoke_copy / "smoke" / "dataset" / "dataset.ipynb"
     notebook.write_bytes(b"\x00garbage")
     with pytest.raises(FmnistBookError, match="dataset.ipynb: not a readable JSON file"):
