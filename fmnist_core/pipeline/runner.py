@@ -173,13 +173,23 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
         recover_interrupted_swap(final)
         parts = key_parts(experiment, profile, params, results_dir)
         key = key_of(parts)
-        if not force and finished_key(final) == key and not failure_path(final).exists():
+        if not force and _up_to_date(final, key):
             log(f"{experiment} [{profile}]: up to date ({final})")
             return RunResult(experiment, "cached", final)
-        missing = [d for d in get_experiment(experiment).requires if finished_key(results_dir / profile / d) is None]
+        missing = _missing_requirements(experiment, profile, results_dir)
         if missing:
             return _record_failure(final, experiment, profile, f"needs the finished run(s) {', '.join(missing)} first")
         return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared)
+
+
+def _up_to_date(final: Path, key: str) -> bool:
+    """Whether the finished run at ``final`` is of ``key`` and has no failure recorded since."""
+    return finished_key(final) == key and not failure_path(final).exists()
+
+
+def _missing_requirements(experiment: str, profile: str, results_dir: Path) -> list[str]:
+    """The experiments ``experiment`` requires that have no finished run yet."""
+    return [d for d in get_experiment(experiment).requires if finished_key(results_dir / profile / d) is None]
 
 
 def prepare_partial(final: Path, key: str, params: dict, force: bool, keep: bool = False) -> Path:
@@ -208,9 +218,7 @@ def prepare_run(experiment: str, profile: str, overrides: dict | None = None, fo
     with run_lock(results_dir, profile, experiment):
         recover_interrupted_swap(final)
         key = run_key(experiment, profile, params, results_dir)
-        if not force and finished_key(final) == key and not failure_path(final).exists():
-            return None
-        if any(finished_key(results_dir / profile / d) is None for d in get_experiment(experiment).requires):
+        if (not force and _up_to_date(final, key)) or _missing_requirements(experiment, profile, results_dir):
             return None
         return prepare_partial(final, key, params, force), params
 
