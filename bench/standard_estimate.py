@@ -196,13 +196,18 @@ def sensitivity(chapters: dict, fixed_minutes: float) -> list[dict]:
     return rows
 
 
+def epoch_steps(c) -> int:
+    """Optimiser steps of an epoch-budget job: its epochs over its training images (all but validation by default)."""
+    train = c.train_images or TRAIN_IMAGES[c.dataset] - c.val_size
+    return c.epochs * math.ceil(train / c.batch_size)
+
+
 def classification_jobs(params: dict) -> list[dict]:
     cfg = classification.ClassificationConfig.from_overrides(params)
     jobs = []
     for job in classification.plan_jobs(cfg, "run"):
         c = job.config
-        train = c.train_images or TRAIN_IMAGES[c.dataset] - c.val_size
-        steps = c.epochs * math.ceil(train / c.batch_size)
+        steps = epoch_steps(c)
         test = c.test_images or TEST_IMAGES[c.dataset]
         costs = classifier_costs(c.model, c.batch_size, c.augment, c.dtype)
         jobs.append({"job": job.label, **costs, **job_seconds(costs, steps, c.epochs * c.val_size + test, c.dtype)})
@@ -214,8 +219,7 @@ def vae_jobs(params: dict) -> list[dict]:
     jobs = []
     for job in vae.plan_jobs(cfg, "run"):
         c = job.config
-        train = c.train_images or TRAIN_IMAGES[c.dataset] - c.val_size
-        steps = c.epochs * math.ceil(train / c.batch_size)
+        steps = epoch_steps(c)
         costs = vae_costs(c)
         jobs.append({"job": job.label, **costs, **job_seconds(costs, steps, c.epochs * c.val_size, c.dtype)})
     return jobs
