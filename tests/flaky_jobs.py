@@ -19,4 +19,5 @@ def run_flaky(cfg, out_dir, log=print):
     time.sleep(cfg.sleep)
     if cfg.fail:
         raise RunError(f"job asked to fail (seed {cfg.seed})")
-    return {"seed": cfg.seed, "square": cfg.seed ** 2}
+    import torch
+    return {"seed": cfg.seed, "square": cfg.seed ** 2, "torch_threads": torch.get_num_threads()}

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "local-slurm.sh"
 CLI = [sys.executable, "-m", "fmnist_core.pipeline.cli"]
 QUIET = dict(log=lambda *_: None)
+# The inline runs of the smoke book use torch's default thread count; workers given as many give the same bytes.
+INLINE_THREADS = __import__("torch").get_num_threads()
 
 
 @pytest.fixture
@@ -57,6 +59,21 @@ def assert_one_named_failure(failures, jobs):
 def test_a_failing_local_job_is_named_with_its_log_while_the_others_finish(tmp_path, tests_importable):
     jobs = flaky_jobs(tmp_path)
     assert_one_named_failure(LocalExecutor(workers=2).run({"toy": jobs}, **QUIET), jobs)
+
+
+def worker_threads(jobs: list[Job]) -> list[int]:
+    return [json.loads((job.out_dir / "metrics.json").read_text())["torch_threads"] for job in jobs]
+
+
+def test_local_workers_share_the_cores_out_or_use_the_threads_asked(tmp_path, tests_importable, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert LocalExecutor(workers=2).threads == 2 and LocalExecutor(workers=8).threads == 1
+    assert LocalExecutor(gpus=["0", "1", "2", "3"]).threads == 1
+    jobs = [job for job in flaky_jobs(tmp_path) if not job.config.fail]
+    assert LocalExecutor(workers=2, threads=3).run({"toy": jobs}, **QUIET) == []
+    assert worker_threads(jobs) == [3, 3]
+    with pytest.raises(Exception, match="--threads-per-worker must be at least 1"):
+        LocalExecutor(workers=2, threads=0)
 
 
 def test_a_job_folder_with_a_live_worker_gets_no_second_one(tmp_path, tests_importable):
@@ -108,9 +125,10 @@ def assert_gathered_only(run_dir: Path, experiment: str):
 @pytest.mark.slow
 def test_local_workers_give_the_inline_bytes(smoke_book, tmp_path):
     results = tmp_path / "results"
-    done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "local", "--workers", "2")
+    done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "local", "--workers", "2",
+                   "--threads-per-worker", str(INLINE_THREADS))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "local: 3 job(s) of fixmatch" in done.stdout
+    assert f"local: 3 job(s) of fixmatch [smoke]; workers 2 at a time, {INLINE_THREADS} CPU thread(s) each" in done.stdout
     run_dir = results / "smoke" / "fixmatch"
     assert_gathered_only(run_dir, "fixmatch")
     assert_same_job_bytes(plan_fixmatch(FixMatchStudyConfig.from_overrides(smoke_params("fixmatch")), run_dir),
@@ -119,7 +137,7 @@ def test_local_workers_give_the_inline_bytes(smoke_book, tmp_path):
     for job in jobs:
         job.out_dir.mkdir(parents=True)
         prepare_job(job)
-    assert LocalExecutor(workers=2).run({"classification": jobs}, **QUIET) == []
+    assert LocalExecutor(workers=2, threads=INLINE_THREADS).run({"classification": jobs}, **QUIET) == []
     assert_same_job_bytes(jobs, smoke_book[0] / "classification")
 
 
@@ -143,9 +161,9 @@ def local_slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = previous
 
 
-def slurm_executor(folder: Path):
+def slurm_executor(folder: Path, cpus: int = 1):
     from fmnist_core.pipeline.slurm import SlurmExecutor, SlurmOptions
-    return SlurmExecutor(SlurmOptions(time=30), folder, poll_s=0.3)
+    return SlurmExecutor(SlurmOptions(time=30, cpus_per_job=cpus), folder, poll_s=0.3)
 
 
 def test_a_failing_slurm_job_is_named_with_its_log_while_the_others_finish(tmp_path, local_slurm,
@@ -154,6 +172,7 @@ def test_a_failing_slurm_job_is_named_with_its_log_while_the_others_finish(tmp_p
     failures = slurm_executor(tmp_path / ".slurm").run({"toy": jobs}, **QUIET)
     assert_one_named_failure(failures, jobs)
     assert "Slurm job" in failures[0].error and str(tmp_path / ".slurm" / "toy") in failures[0].error
+    assert worker_threads([jobs[0], jobs[2]]) == [1, 1]  # as many threads as the CPUs Slurm gave each task
 
 
 def test_ctrl_c_leaves_the_slurm_jobs_running_and_says_how_to_reattach(tmp_path, local_slurm, tests_importable):
@@ -189,7 +208,8 @@ def test_plan_lists_the_jobs_of_a_profile_with_their_cost(tmp_path):
 @pytest.mark.slow
 def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slurm):
     results = tmp_path / "results"
-    done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "slurm")
+    done = run_cli(results, "run", "fixmatch", "--profile", "smoke", "--executor", "slurm",
+                   "--slurm-cpus-per-job", str(INLINE_THREADS))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "submitted 3 job(s) as array" in done.stdout
     run_dir = results / "smoke" / "fixmatch"
@@ -201,20 +221,22 @@ def test_slurm_job_arrays_give_the_inline_bytes(smoke_book, tmp_path, local_slur
     for job in jobs:
         job.out_dir.mkdir(parents=True)
         prepare_job(job)
-    assert slurm_executor(tmp_path / ".slurm").run({"classification": jobs}, **QUIET) == []
+    assert slurm_executor(tmp_path / ".slurm", INLINE_THREADS).run({"classification": jobs}, **QUIET) == []
     assert_same_job_bytes(jobs, smoke_book[0] / "classification")
 
 
-# Long enough to be interrupted after its first checkpoint (step 2), short enough to stay cheap.
-LONG_FIXMATCH = ["-p", "steps", "40", "-p", "checkpoint_every", "2", "-p", "eval_every", "0", "-p", "log_every",
+# Long enough to be interrupted after its first checkpoint (step 2) even when both jobs run at once (one CPU
+# thread each), short enough to stay cheap.
+LONG_FIXMATCH = ["-p", "steps", "200", "-p", "checkpoint_every", "2", "-p", "eval_every", "0", "-p", "log_every",
                  "2", "-p", "ceiling_labels", "0"]
 
 
 @pytest.mark.slow
-def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path, local_slurm):
+def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path, local_slurm, one_thread):
     """One job is preempted (Slurm's warning signal): submitit requeues it and it resumes in the same command.
     The other is cancelled: it is named as failed while the first finishes, and the next command submits it
-    again; it resumes too. Both end with the bytes of an uninterrupted inline run."""
+    again; it resumes too. Both end with the bytes of an uninterrupted inline run with as many threads (one: each
+    task has one CPU)."""
     from fmnist_core.pipeline.slurm import read_record
     results = tmp_path / "results"
     command = CLI + ["--results-dir", str(results), "run", "fixmatch", "--profile", "smoke", "--executor", "slurm",

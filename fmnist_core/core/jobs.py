@@ -230,6 +230,9 @@ def source_hashes(modules) -> dict[str, str]:
             for p in paths}
 
 
+THREADS_ENV = "FMNIST_TORCH_THREADS"
+
+
 def main(argv=None) -> int:
     """``python -m fmnist_core.core.jobs JOB_DIR``: run one planned job in this process."""
     argv = sys.argv[1:] if argv is None else argv
@@ -237,6 +240,9 @@ def main(argv=None) -> int:
         print("usage: python -m fmnist_core.core.jobs JOB_DIR", file=sys.stderr)
         return 2
     job_dir = Path(argv[0])
+    if os.environ.get(THREADS_ENV, "").isdigit():  # the executor's --threads-per-worker (torch caps OMP_NUM_THREADS)
+        import torch
+        torch.set_num_threads(int(os.environ[THREADS_ENV]))
     try:
         job = load_job(job_dir)
         write_json(job_dir / STARTED_FILE, worker_record())

@@ -25,7 +25,8 @@ from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
 from fmnist_core.core.jobs import FAILED_FILE, JOB_FILE, STARTED_FILE, Job, prepare_job, write_plan
 from fmnist_core.pipeline.experiments import get_experiment
-from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, worker_command, worker_env
+from fmnist_core.pipeline.workers import (JobFailure, default_threads, failure_reason, job_log, worker_command,
+                                          worker_env)
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -33,14 +34,23 @@ EXECUTORS = ("inline", "local", "slurm")
 # ---------------------------------------------------------------------------------------- local pool
 class LocalExecutor:
     """A pool of worker processes on this machine: ``workers`` at a time, or one per GPU of ``gpus``
-    (each worker sees only its GPU, through ``CUDA_VISIBLE_DEVICES``)."""
+    (each worker sees only its GPU, through ``CUDA_VISIBLE_DEVICES``), each with ``threads`` CPU threads
+    (default: the cores shared out among the workers, :func:`default_threads`)."""
 
     name = "local"
 
-    def __init__(self, workers: int = 1, gpus: list[str] | None = None):
+    def __init__(self, workers: int = 1, gpus: list[str] | None = None, threads: int | None = None):
         if workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {workers}")
+        if threads is not None and threads < 1:
+            raise ConfigError(f"--threads-per-worker must be at least 1, got {threads}")
         self.slots = list(gpus) if gpus else [None] * workers
+        self.threads = threads or default_threads(len(self.slots))
+
+    def describe(self) -> str:
+        """How many workers run at once, and their threads."""
+        where = f"one per GPU of {','.join(self.slots)}" if self.slots[0] is not None else f"{len(self.slots)} at a time"
+        return f"workers {where}, {self.threads} CPU thread(s) each"
 
     def run(self, studies: dict[str, list[Job]], log=print) -> list[JobFailure]:
         """Run every job of ``studies`` (study -> unfinished jobs); the failures, the others having finished."""
@@ -56,7 +66,7 @@ class LocalExecutor:
                 while queue and free:
                     study, job = queue.pop(0)
                     slot = free.pop(0)
-                    running[self._start(job, slot)] = (study, job, slot)
+                    running[self._start(job, slot, self.threads)] = (study, job, slot)
                 for proc in [p for p in running if p.poll() is not None]:
                     study, job, slot = running.pop(proc)
                     free.append(slot)
@@ -74,13 +84,13 @@ class LocalExecutor:
         return failures
 
     @staticmethod
-    def _start(job: Job, gpu: str | None) -> subprocess.Popen:
+    def _start(job: Job, gpu: str | None, threads: int) -> subprocess.Popen:
         log = open(job_log(job.out_dir), "ab")
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job.out_dir))}\n".encode())
         log.flush()
         with log:  # the child keeps its own descriptor
             return subprocess.Popen(worker_command(job.out_dir), stdout=log, stderr=subprocess.STDOUT,
-                                    env=worker_env(gpu), cwd=PROJECT_ROOT)
+                                    env=worker_env(gpu, threads), cwd=PROJECT_ROOT)
 
     @staticmethod
     def _finished(study: str, job: Job, code: int, done: int, total: int, log) -> list[JobFailure]:
@@ -114,7 +124,7 @@ def make_executor(args, profile: str, results_dir: Path):
         return None
     if name == "local":
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-        return LocalExecutor(args.workers, gpus)
+        return LocalExecutor(args.workers, gpus, getattr(args, "threads_per_worker", None))
     from fmnist_core.pipeline.slurm import SlurmExecutor, options_from_args
     return SlurmExecutor(options_from_args(args), Path(results_dir).resolve() / profile / ".slurm",
                          reattach=reattach_command(args))
@@ -179,7 +189,8 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
         planned = {e: plan_study(e, profile, overrides, force, results_dir) for e in group}
         studies = {e: jobs for e, jobs in planned.items() if jobs}
         if studies:
-            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]")
+            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]"
+                + (f"; {executor.describe()}" if hasattr(executor, "describe") else ""))
         failures = executor.run(studies, log) if studies else []
         for experiment in group:
             failed = [f for f in failures if f.study == experiment]
@@ -203,5 +214,7 @@ def add_executor_options(parser) -> None:
                        help="inline: in the notebook (default); local: worker processes here; slurm: job arrays")
     group.add_argument("--workers", type=int, default=2, help="local: jobs at a time (default 2)")
     group.add_argument("--gpus", default=None, help="local: one job per GPU of this list, e.g. 0,1,2,3")
+    group.add_argument("--threads-per-worker", type=int, default=None,
+                       help="local: CPU threads of each worker (default: the cores divided by the workers)")
     from fmnist_core.pipeline.slurm import add_slurm_options
     add_slurm_options(group)

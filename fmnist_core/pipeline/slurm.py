@@ -19,7 +19,7 @@ from pathlib import Path
 from fmnist_core.core.errors import ConfigError, RunError
 from fmnist_core.core.io import read_json, write_json
 from fmnist_core.core.jobs import Job
-from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, run_worker, worker_env
+from fmnist_core.pipeline.workers import JobFailure, failure_reason, job_log, run_worker, slurm_threads, worker_env
 
 RECORD = "submitted.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -79,7 +79,7 @@ class SlurmTask:
     """What an array task runs: one planned job, in a fresh process; requeued on preemption or time-out."""
 
     def __call__(self, job_dir: str) -> str:
-        run_worker(job_dir)
+        run_worker(job_dir, threads=slurm_threads())  # as many CPU threads as CPUs given (--slurm-cpus-per-job)
         return job_dir
 
     def checkpoint(self, job_dir: str):

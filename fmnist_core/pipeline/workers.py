@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fmnist_core.core.errors import FmnistBookError, RunError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
-from fmnist_core.core.jobs import FAILED_FILE
+from fmnist_core.core.jobs import FAILED_FILE, THREADS_ENV
 
 
 @dataclass
@@ -40,15 +40,31 @@ def worker_command(job_dir) -> list[str]:
     return [sys.executable, "-m", "fmnist_core.core.jobs", str(job_dir)]
 
 
-def worker_env(gpu: str | None = None) -> dict:
+def worker_env(gpu: str | None = None, threads: int | None = None) -> dict:
     """This process's environment, with this project first on ``PYTHONPATH`` (a worker imports the code that
-    planned its job) and, for ``gpu``, ``CUDA_VISIBLE_DEVICES`` pinned to it."""
+    planned its job); for ``gpu``, ``CUDA_VISIBLE_DEVICES`` pinned to it; for ``threads``, the CPU threads of
+    torch and its BLAS (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``, and ``FMNIST_TORCH_THREADS``, which the job
+    process passes to ``torch.set_num_threads``)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env[THREADS_ENV] = str(threads)
     return env
+
+
+def default_threads(workers: int) -> int:
+    """CPU threads per worker when ``workers`` run at once: this machine's cores shared out, at least one (more
+    threads than cores make every worker wait for the others: two 2-thread workers on 2 cores ran at half speed)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def slurm_threads() -> int | None:
+    """The CPUs Slurm gave this task (``SLURM_CPUS_PER_TASK``), or ``None`` outside a Slurm task."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def failure_reason(job_dir, fallback: str) -> str:
@@ -63,15 +79,16 @@ def failure_reason(job_dir, fallback: str) -> str:
     return f"{fallback}: {lines[-1]}" if lines else fallback
 
 
-def run_worker(job_dir, gpu: str | None = None) -> None:
-    """Run one planned job in a fresh process, its output appended to its log; raise if it did not finish."""
+def run_worker(job_dir, gpu: str | None = None, threads: int | None = None) -> None:
+    """Run one planned job in a fresh process with ``threads`` CPU threads (default: torch's own choice), its
+    output appended to its log; raise if it did not finish."""
     log_path = job_log(job_dir)
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job_dir))}\n".encode())
         log.flush()
         # Slurm signals every process of a task before preempting it or at its time limit (SIGUSR2, submitit's
         # cue to requeue it); the job itself ignores it and is stopped only when the task exits.
-        code = subprocess.run(worker_command(job_dir), stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu),
+        code = subprocess.run(worker_command(job_dir), stdout=log, stderr=subprocess.STDOUT, env=worker_env(gpu, threads),
                               cwd=PROJECT_ROOT, preexec_fn=_ignore_checkpoint_signal).returncode
     if code != 0:
         raise RunError(failure_reason(job_dir, f"exit status {code}") + f" (log: {log_path})")
