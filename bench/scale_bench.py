@@ -87,8 +87,9 @@ def main() -> int:
     entry = record.get(args.profile, {})
     entry.update(machine={"cpu_count": os.cpu_count(), "platform": platform.platform()},
                  note="wall time of `fmnist-book run <study> --profile P` (jobs and notebook) in a fresh results "
-                      "folder; the CPU was shared with other work while measuring (see the load averages), so "
-                      "these are indications, to be measured again on an idle machine")
+                      "folder; local workers get cpu_count // workers torch threads each (inline: torch's default); "
+                      "the load averages show whether other work shared the CPU while measuring")
+    entry.pop("reading", None)
     if not args.no_studies:
         studies, load = {}, [os.getloadavg()[0]]
         for study in ("fixmatch", "semisupervised"):

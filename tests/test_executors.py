@@ -76,6 +76,35 @@ def test_local_workers_share_the_cores_out_or_use_the_threads_asked(tmp_path, te
         LocalExecutor(workers=2, threads=0)
 
 
+def test_local_workers_start_the_costliest_jobs_first(tmp_path, monkeypatch):
+    from flaky_jobs import FlakyConfig
+    jobs = [Job("flaky", FlakyConfig(seed=s), tmp_path / f"job{s}", cost=c) for s, c in enumerate([1, 5, 1, 3])]
+    started = []
+
+    class Finished:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(LocalExecutor, "_start", staticmethod(lambda job, *_: started.append(job.label) or Finished()))
+    monkeypatch.setattr(LocalExecutor, "_finished", staticmethod(lambda *_: []))
+    assert LocalExecutor(workers=1).run({"toy": jobs[:2], "other": jobs[2:]}, **QUIET) == []
+    assert started == ["job1", "job3", "job0", "job2"]  # by cost; equal costs keep their planned order
+
+
+def test_the_studies_estimate_which_of_their_jobs_take_longest(tmp_path):
+    from fmnist_core.chapters.semisupervised.model import SEMISUP_MODELS
+    from fmnist_core.chapters.semisupervised.study import STEP_COST
+    from fmnist_core.pipeline.executors import longest_first
+    from fmnist_core.pipeline.scale import planned_jobs
+    assert set(STEP_COST) == set(SEMISUP_MODELS)
+    semisup = [job.label for _, job in longest_first([("s", j) for j in planned_jobs("semisupervised", "quick", tmp_path)])]
+    assert semisup[0] == "cnn_ceiling_s0" and all(label.startswith("m2_") for label in semisup[1:4])
+    fixmatch = [job.label for _, job in longest_first([("f", j) for j in planned_jobs("fixmatch", "quick", tmp_path)])]
+    assert fixmatch[0].startswith("fully_supervised") and all(x.startswith("fixmatch_") for x in fixmatch[1:5])
+
+
 def test_a_job_folder_with_a_live_worker_gets_no_second_one(tmp_path, tests_importable):
     from fmnist_core.core.io import write_json
     from fmnist_core.core.jobs import worker_record

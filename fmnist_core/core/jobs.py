@@ -81,6 +81,8 @@ class Job:
     out_dir: Path
     label: str = ""
     info: dict = field(default_factory=dict)  # what the study wants back beside the metrics (model, seed...)
+    cost: float = 1.0  # estimated running time, relative to the study's other jobs: executors that run jobs side
+                       # by side start the costliest first, so that a long job does not run alone at the end
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)

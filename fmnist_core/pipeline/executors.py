@@ -54,7 +54,7 @@ class LocalExecutor:
 
     def run(self, studies: dict[str, list[Job]], log=print) -> list[JobFailure]:
         """Run every job of ``studies`` (study -> unfinished jobs); the failures, the others having finished."""
-        queue = [(study, job) for study, jobs in studies.items() for job in jobs]
+        queue = longest_first([(study, job) for study, jobs in studies.items() for job in jobs])
         busy = [(study, job) for study, job in queue if live_worker(job.out_dir)]
         queue = [item for item in queue if item not in busy]  # one writer per job folder
         total, running, free = len(queue), {}, list(self.slots)
@@ -101,6 +101,12 @@ class LocalExecutor:
                              failure_reason(job.out_dir, f"exit status {code}"))
         log(f"  [{done}/{total}] {failure.describe()}")
         return [failure]
+
+
+def longest_first(queue: list[tuple[str, Job]]) -> list[tuple[str, Job]]:
+    """``queue`` (study, job) with the costliest jobs first (:attr:`Job.cost`; ties keep their planned order):
+    the longest-processing-time-first rule, which keeps a long job from running alone once the others are done."""
+    return sorted(queue, key=lambda item: -item[1].cost)
 
 
 def live_worker(job_dir: Path) -> int | None:

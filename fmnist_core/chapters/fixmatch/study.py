@@ -72,14 +72,22 @@ def run_dir_name(method: str, num_labels: int, seed: int) -> str:
     return f"{method.replace(' ', '_')}_n{num_labels}_s{seed}"
 
 
+def job_cost(jcfg: FixMatchConfig) -> float:
+    """The estimated running time of one job (:attr:`Job.cost`): images through the network per run — B labeled
+    images a step, plus 2 mu B unlabeled ones (weak and strong views) unless it is supervised-only."""
+    per_step = jcfg.batch_size * (1 if jcfg.supervised_only else 1 + 2 * jcfg.mu)
+    return float(jcfg.steps * per_step)
+
+
 def plan_jobs(cfg: FixMatchStudyConfig, run_dir) -> list[Job]:
     """One ``fixmatch`` job per planned run, in ``runs/<method>_n<labels>_s<seed>/``."""
     jobs = []
     for method, n, seed, supervised_only in planned_runs(cfg):
         name = run_dir_name(method, n, seed)
         layers = [cfg.ceiling_layer()] if method == "fully supervised" else []
-        jobs.append(Job("fixmatch", cfg.job_config(n, seed, supervised_only, *layers), Path(run_dir) / "runs" / name,
-                        name, {"method": method, "num_labels": n, "seed": seed}))
+        jcfg = cfg.job_config(n, seed, supervised_only, *layers)
+        jobs.append(Job("fixmatch", jcfg, Path(run_dir) / "runs" / name, name,
+                        {"method": method, "num_labels": n, "seed": seed}, job_cost(jcfg)))
     return jobs
 
 
