@@ -526,3 +526,14 @@ def test_the_ceiling_takes_a_fixmatch_steps_images_for_its_own_steps(tmp_path):
     assert [j.config.steps for j in own] == [40, 40, 120]
     with pytest.raises(ConfigError, match="ceiling_steps"):
         FixMatchStudyConfig.from_overrides(base, {"ceiling_steps": -1})
+
+
+def test_end_of_run_diagnostics_average_the_last_logged_steps_over_seeds():
+    def run(seed, values):
+        return {"method": "fixmatch", "num_labels": 40, "seed": seed,
+                "history": [{"step": i, "mask_ratio": v, "confident_accuracy": None} for i, v in enumerate(values)]}
+    rows = [run(0, [0.0] * 18 + [0.4, 0.6]), run(1, [0.0] * 18 + [0.8, 0.8]),
+            {**run(2, [1.0] * 20), "num_labels": 250}]
+    assert study.end_of_run(rows, "fixmatch", 40, "mask_ratio") == pytest.approx((0.5 + 0.8) / 2)
+    assert study.end_of_run(rows, "fixmatch", 40, "confident_accuracy") is None
+    assert study.end_of_run(rows, "supervised-only", 40, "mask_ratio") is None

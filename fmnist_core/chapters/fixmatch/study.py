@@ -131,6 +131,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     return [{"model": s.pop("method"), **s} for s in summary]
 
 
+def end_of_run(rows: list[dict], method: str, num_labels: int, key: str, share: float = 0.1) -> float | None:
+    """A training diagnostic at the end of ``method``'s runs at ``num_labels`` labels: the mean of ``key`` over the
+    last ``share`` of each run's logged steps (one logged batch is noisy), averaged over seeds; ``None`` when no
+    run logged it."""
+    ends = []
+    for row in rows:
+        if row["method"] == method and row["num_labels"] == num_labels:
+            values = [h[key] for h in row["history"] if h.get(key) is not None]
+            tail = values[-max(1, round(share * len(values))):]
+            ends += [sum(tail) / len(tail)] if tail else []
+    return sum(ends) / len(ends) if ends else None
+
+
 def profile_params(profile: str, path: Path = PROFILES) -> dict:
     """The study's resolved parameters under ``profile`` of ``profiles.yml``: its ``fixmatch`` entry over the
     defaults, validated (what the runner passes a build of that profile), as plain values."""
