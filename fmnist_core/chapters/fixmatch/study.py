@@ -160,7 +160,8 @@ def protocol(params: dict) -> str:
             f"on {params['backbone']} at {', '.join(f'{n:,}' for n in params['label_counts'])} labels, "
             f"{len(params['seeds'])} seed(s), an EMA test evaluation every "
             f"{params['eval_every'] or params['steps']:,} steps ({evaluations:,} per run; the median of the last "
-            f"{min(params['median_last'], evaluations)}), RandAugment {params['randaugment']}, Cutout "
+            f"{min(params['median_last'], evaluations)}), SGD learning rate η = {params['lr']:g}, "
+            f"RandAugment {params['randaugment']}, Cutout "
             f"{params['cutout']}, {params['weak_padding']} padding")
 
 
