@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fmnist_core.core.config import Config, param, require, require_choice
-from fmnist_core.core.data import Split, batch_indices
+from fmnist_core.core.data import TRAIN_IMAGES, Split, batch_indices
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -204,6 +204,18 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     if schedule == "step":
         return 1.0 if step < total_steps // 2 else 0.1
     return 1.0
+
+
+def optimizer_steps(cfg) -> int:
+    """The optimiser steps of a job's config: ``steps``, or ``epochs`` x the steps of one pass over its training
+    images (``train_images``, or the dataset's training set less ``val_size``; ``batch_size x unlabeled_ratio``
+    images a step)."""
+    if hasattr(cfg, "steps"):
+        return cfg.steps
+    images = getattr(cfg, "train_images", 0) or TRAIN_IMAGES.get(getattr(cfg, "dataset", "fashion_mnist"), 60000)
+    images -= getattr(cfg, "val_size", 0) if not getattr(cfg, "train_images", 0) else 0
+    per_step = cfg.batch_size * getattr(cfg, "unlabeled_ratio", 1)
+    return cfg.epochs * math.ceil(images / per_step)
 
 
 def make_schedule(optimizer, schedule: str, total_steps: int):

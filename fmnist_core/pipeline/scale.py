@@ -3,17 +3,16 @@ and the job lines of ``fmnist-book status`` (done / running / queued / failed pe
 marker files and, for jobs submitted to Slurm, from Slurm itself)."""
 from __future__ import annotations
 
-import math
 import os
 import platform
 import socket
 from pathlib import Path
 
-from fmnist_core.core.data import TRAIN_IMAGES
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.core.io import read_json
 from fmnist_core.core.resources import project_file
 from fmnist_core.core.jobs import FAILED_FILE, STARTED_FILE, Job
+from fmnist_core.core.train import optimizer_steps
 from fmnist_core.pipeline.executors import live_worker
 from fmnist_core.pipeline.workers import job_log
 from fmnist_core.pipeline.experiments import get_experiment
@@ -46,14 +45,8 @@ def planned_jobs(experiment: str, profile: str, results_dir) -> list[Job]:
 
 # ------------------------------------------------------------------------------------------- cost
 def job_steps(job: Job) -> int:
-    """The optimiser steps of a job: ``steps``, or epochs x steps per pass over its training images."""
-    cfg = job.config
-    if hasattr(cfg, "steps"):
-        return cfg.steps
-    images = getattr(cfg, "train_images", 0) or TRAIN_IMAGES.get(getattr(cfg, "dataset", "fashion_mnist"), 60000)
-    images -= getattr(cfg, "val_size", 0) if not getattr(cfg, "train_images", 0) else 0
-    per_step = cfg.batch_size * getattr(cfg, "unlabeled_ratio", 1)
-    return cfg.epochs * math.ceil(images / per_step)
+    """The optimiser steps of a job (:func:`fmnist_core.core.train.optimizer_steps`)."""
+    return optimizer_steps(job.config)
 
 
 def job_backbone(job: Job) -> str:

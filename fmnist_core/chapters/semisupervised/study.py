@@ -18,10 +18,11 @@ from fmnist_core.core.data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split
 from fmnist_core.core.io import read_json
 from fmnist_core.core.jobs import Job, run_jobs
 from fmnist_core.core.generative import to_unit
-from fmnist_core.core.train import OptimizerConfig, RuntimeConfig, ScheduleConfig, resolve_device
+from fmnist_core.core.train import (OptimizerConfig, RuntimeConfig, ScheduleConfig, optimizer_steps,
+                                    resolve_device)
 from fmnist_core.chapters.semisupervised.model import (DATASET, SEMISUP_MODELS, SemiSupBudget, SemiSupConfig,
                                                        SemiSupParams, accuracy, class_probabilities,
-                                                       load_trained_semisup, steps_per_epoch)
+                                                       load_trained_semisup)
 
 ALPHA_STUDY = [0.1, 1.0, 10.0, 100.0]
 CEILING = "cnn, fully supervised ceiling"  # the model name of the ceiling's rows
@@ -101,8 +102,7 @@ STEP_COST = {"m2": 12.0, "semisup_vae": 4.0, "encoder_only": 1.0, "cnn": 1.0}
 def job_cost(jcfg: SemiSupConfig) -> float:
     """The estimated running time of one job (:attr:`Job.cost`): its optimiser steps times its model's
     :data:`STEP_COST`."""
-    images = jcfg.train_images or TRAIN_IMAGES[DATASET] - jcfg.val_size
-    return jcfg.epochs * steps_per_epoch(jcfg, images) * STEP_COST[jcfg.model]
+    return optimizer_steps(jcfg) * STEP_COST[jcfg.model]
 
 
 def _add_job(planned: dict, cfg: SemiSupStudyConfig, run_dir: Path, part: str, model: str, num_labels: int,
