@@ -45,7 +45,8 @@ def toy_dataset(n=100, channels=1, size=28, name="fashion_mnist", seed=0) -> Ima
 
 def config(**overrides) -> FixMatchConfig:
     base = {"backbone": "smallcnn", "steps": 6, "batch_size": 8, "mu": 2, "num_labels": 20, "log_every": 3,
-            "eval_every": 3, "checkpoint_every": 2, "device": "cpu", "threshold": 0.22, "eval_images": 30}
+            "eval_every": 3, "checkpoint_every": 2, "device": "cpu", "threshold": 0.22, "eval_images": 30,
+            "val_size": 20}
     return FixMatchConfig.from_overrides(base, overrides)
 
 
@@ -375,17 +376,23 @@ def kill_after_checkpoint(monkeypatch, step: int) -> None:
 def test_training_writes_history_checkpoints_and_leaves_labels_alone(tmp_path):
     ds = toy_dataset()
     labels = ds.train_labels.clone()
-    ema_model, history = train_fixmatch(config(), ds, tmp_path, log=quiet)
+    # float32: the rebuilt model below is compared bit for bit (bf16 runs keep channels-last weights).
+    ema_model, history = train_fixmatch(config(dtype="float32"), ds, tmp_path, log=quiet)
     assert torch.equal(ds.train_labels, labels)
     assert [r["step"] for r in history] == [3, 6]
     assert list(history[0]) == ["step", "lr", "loss", "loss_x", "loss_u", "mask_ratio", "pseudo_label_accuracy",
-                                "confident_accuracy", "ema_test_loss", "ema_test_accuracy", "seconds"]
+                                "confident_accuracy", "ema_val_loss", "ema_val_accuracy", "ema_test_loss",
+                                "ema_test_accuracy", "seconds"]
     # The record's lr is that of its last step (k = 2 of K = 6) on FixMatch's schedule.
     assert history[0]["lr"] == pytest.approx(0.03 * math.cos(7 * math.pi * 2 / (16 * 6)))
     assert history[-1]["ema_test_accuracy"] is not None
     assert any(r["mask_ratio"] > 0 and r["loss_u"] > 0 for r in history)  # the unlabeled loss took part
-    saved = np.load(tmp_path / "labeled_indices.npz")["labeled"]
-    assert np.array_equal(saved, labeled_indices(ds.train_labels, 20, 0))
+    saved = np.load(tmp_path / "labeled_indices.npz")
+    # The validation split is held out: the labels are drawn from the other training images, never from it.
+    assert len(saved["validation"]) == 20 and not set(saved["labeled"]) & set(saved["validation"])
+    assert np.array_equal(saved["labeled"], labeled_indices(ds.train_labels, 20, 0, pool=np.setdiff1d(
+        np.arange(len(ds.train_labels)), saved["validation"])))
+    assert history[-1]["ema_val_accuracy"] is not None
     best = load_checkpoint(tmp_path / "best.pt")  # the final EMA weights: the reported model
     assert best["step"] == 6 and best["record"] == history[-1]
     for name, value in ema_model.state_dict().items():

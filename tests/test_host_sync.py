@@ -125,7 +125,8 @@ def fashion_toy(n=200) -> ImageDataset:
 
 def run_fixmatch(tmp_path, **overrides):
     base = {"backbone": "lenet_max", "steps": 3, "batch_size": 8, "mu": 2, "num_labels": 20, "log_every": 2,
-            "eval_every": 0, "checkpoint_every": 2, "eval_images": 20, "device": DEVICE, "threshold": 0.2}
+            "eval_every": 0, "checkpoint_every": 2, "eval_images": 20, "device": DEVICE, "threshold": 0.2,
+            "val_size": 20}
     train_fixmatch(FixMatchConfig.from_overrides(base, overrides), fashion_toy(), tmp_path, log=quiet)
 
 

@@ -35,7 +35,8 @@ HISTORY_TERMS = {"semisup_vae": {"train_recon", "train_kl", "train_classificatio
 
 
 def config(**overrides):
-    return semisup.SemiSupConfig.from_overrides(TINY, overrides)
+    """A tiny job's config, in float32 unless asked: the tests of the losses compare gradients to 1e-5."""
+    return semisup.SemiSupConfig.from_overrides(TINY, {"dtype": "float32", **overrides})
 
 
 def unit_batch(n=12, seed=0):

@@ -31,7 +31,7 @@ from fmnist_core.core.io import read_json, write_json
 from fmnist_core.core.jobs import Job, job_kind, run_jobs
 from fmnist_core.core.loop import Algorithm, Plan, Selection
 from fmnist_core.core.train import (EpochBudget, OptimizerConfig, RuntimeConfig, ScheduleConfig, autocast_context,
-                                    prepare_model, resolve_device)
+                                    prepare_model, resolve_device, resolve_dtype)
 
 DATASETS = ("fashion_mnist", "cifar10", "lfw")
 ARCHITECTURES = ("report", "deep")
@@ -430,7 +430,8 @@ class VAETraining(Algorithm):
     def __init__(self, model, runnable, train: torch.Tensor, val: torch.Tensor, cfg: VAEJobConfig,
                  warmup_steps: int):
         self.model, self.runnable, self.images, self.val, self.cfg = model, runnable, train, val, cfg
-        self.batch_size, self.beta, self.kind, self.dtype = cfg.batch_size, cfg.beta, cfg.recon_loss, cfg.dtype
+        self.batch_size, self.beta, self.kind = cfg.batch_size, cfg.beta, cfg.recon_loss
+        self.dtype = resolve_dtype(cfg.dtype, train.device, "vae")
         self.warmup_steps, self.steps_per_epoch = warmup_steps, math.ceil(len(train) / cfg.batch_size)
         self.order, self.weight = None, None
 
@@ -521,7 +522,8 @@ def train_vae(cfg: VAEJobConfig, ds: ImageDataset, out_dir, log=print, name: str
     splits = vae_splits(cfg, ds)
     meta = vae_meta(ds, cfg)
     torch.manual_seed(cfg.seed)  # the initial weights
-    model, runnable = prepare_model(rebuild_vae(meta), cfg, splits.train.images.device)
+    device = splits.train.images.device
+    model, runnable = prepare_model(rebuild_vae(meta), cfg, device, resolve_dtype(cfg.dtype, device, "vae"))
     steps_per_epoch = math.ceil(len(splits.train.images) / cfg.batch_size)
     algo = VAETraining(model, runnable, splits.train.images, splits.val.images, cfg,
                        cfg.kl_warmup_epochs * steps_per_epoch)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fmnist_core.core.data import Split, normalize, permutation, weak_augment
 from fmnist_core.core import loop
 from fmnist_core.core.loop import Algorithm, Plan, Selection
-from fmnist_core.core.train import TrainConfig, autocast_context, evaluate, prepare_model
+from fmnist_core.core.train import TrainConfig, autocast_context, evaluate, prepare_model, resolve_dtype
 
 
 class Supervised(Algorithm):
@@ -29,13 +29,15 @@ class Supervised(Algorithm):
     train, val : Split
         Training and validation images (``uint8``, on the device) with their normalisation.
     cfg : TrainConfig
-        ``batch_size``, ``augment``, ``label_smoothing``, ``dtype`` and ``eval_batch_size`` are read here.
+        ``batch_size``, ``augment``, ``label_smoothing`` and ``eval_batch_size`` are read here.
+    dtype : str
+        The resolved precision (:func:`fmnist_core.core.train.resolve_dtype`): ``float32`` or ``bfloat16``.
     """
 
-    def __init__(self, model, runnable, train: Split, val: Split, cfg: TrainConfig):
+    def __init__(self, model, runnable, train: Split, val: Split, cfg: TrainConfig, dtype: str = "float32"):
         self.model, self.runnable, self.train, self.val = model, runnable, train, val
         self.batch_size, self.augment = cfg.batch_size, cfg.augment
-        self.label_smoothing, self.dtype, self.eval_batch_size = cfg.label_smoothing, cfg.dtype, cfg.eval_batch_size
+        self.label_smoothing, self.dtype, self.eval_batch_size = cfg.label_smoothing, dtype, cfg.eval_batch_size
         self.steps_per_epoch = math.ceil(len(train.labels) / self.batch_size)
         self.order = None
 
@@ -83,7 +85,8 @@ def fit(model, train: Split, val: Split, cfg: TrainConfig, out_dir, *, meta: dic
     out_dir : path
         The job folder: ``best.pt``, ``final.pt``, ``history.json``/``.csv`` (``last.pt`` while training).
     meta : dict, optional
-        Stored in the checkpoints beside the configuration (what is needed to rebuild the model).
+        Stored in the checkpoints beside the configuration (what is needed to rebuild the model); its ``model``
+        names the network for ``dtype: auto`` (:func:`fmnist_core.core.train.resolve_dtype`).
     name : str
         Names the run in log lines and errors.
     log : callable
@@ -94,8 +97,9 @@ def fit(model, train: Split, val: Split, cfg: TrainConfig, out_dir, *, meta: dic
         One record per epoch: step, epoch, lr, train_loss, train_accuracy, val_loss, val_accuracy, seconds.
     """
     device = train.images.device
-    raw, runnable = prepare_model(model, cfg, device)
-    algo = Supervised(raw, runnable, train, val, cfg)
+    dtype = resolve_dtype(cfg.dtype, device, (meta or {}).get("model"))
+    raw, runnable = prepare_model(model, cfg, device, dtype)
+    algo = Supervised(raw, runnable, train, val, cfg, dtype)
     plan = Plan.epochs(cfg.epochs, algo.steps_per_epoch, Selection("val_accuracy"))
     return loop.train(algo, plan, cfg, cfg.schedule, cfg.seed, Path(out_dir), {**cfg.to_dict(), **(meta or {})},
                  name=name, log=log)

@@ -19,6 +19,7 @@ from fmnist_core.core.data import TRAIN_IMAGES, Split, batch_indices
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 # ------------------------------------------------------------------------------------ parameter groups
@@ -60,11 +61,12 @@ class RuntimeConfig(Config):
     """Where and how a run computes: device, precision, compilation, determinism, evaluation batches."""
 
     device: str = param("auto", "auto | cpu | cuda")
-    dtype: str = param("float32", "float32 | bfloat16 (autocast; CUDA only)")
+    dtype: str = param("auto", "auto (bf16 autocast where the device has bf16 matrix units and it is measured faster "
+                               "for the network, else float32: resolve_dtype) | float32 | bfloat16 (autocast)")
     compile: bool = param(False, "torch.compile the model (CUDA only)")
     compile_mode: str = param("default", "torch.compile mode when compile is on: default | reduce-overhead (CUDA "
                                          "graphs) | max-autotune | max-autotune-no-cudagraphs")
-    channels_last: bool = param(True, "channels-last memory format on CUDA")
+    channels_last: bool = param(True, "channels-last memory format on CUDA, and on a CPU in bf16")
     deterministic: bool = param(False, "CUDA: deterministic algorithms, fixed cuBLAS workspace, no cuDNN "
                                        "benchmark (slower, bit-reproducible); off = speed (CPU runs are exact)")
     eval_batch_size: int = param(256, "images per evaluation batch")
@@ -72,7 +74,7 @@ class RuntimeConfig(Config):
     def check(self) -> None:
         super().check()
         require_choice(self.device, "device", ("auto", "cpu", "cuda"))
-        require_choice(self.dtype, "dtype", ("float32", "bfloat16"))
+        require_choice(self.dtype, "dtype", DTYPES)
         require_choice(self.compile_mode, "compile_mode", COMPILE_MODES)
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be at least 1")
         if self.device == "cuda":
@@ -144,21 +146,105 @@ def configure_numerics(device: torch.device, deterministic: bool) -> str:
     return mode
 
 
+# The networks whose training step runs faster in bf16 autocast with channels-last weights than in float32 on a
+# CPU with bf16 matrix support (AVX512-BF16 or AMX), measured by bench/precision.py (bench/results/precision_cpu.json:
+# images/s of one training step at batch 128 on 2 threads). `dtype: auto` takes bf16 for these only; the MLP, whose
+# step is three small matrix products and element-wise work, was slower in bf16 (the conversions to and from bf16
+# cost more than the products save) and stays in float32.
+CPU_BF16_FASTER = frozenset({"lenet_avg", "lenet_max", "mycnn", "smallcnn", "alexnet", "vgg16", "resnet18",
+                             "resnet34", "wrn28_2", "vae", "semisup_vae", "m2", "encoder_only"})
+
+
+def cpu_bf16_support() -> str | None:
+    """The CPU's bf16 matrix units as PyTorch reports them: ``"amx"``, ``"avx512_bf16"`` or ``None``."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return None
+
+
+def resolve_dtype(dtype: str, device, network: str | None = None) -> str:
+    """The precision a run computes in: ``"float32"`` or ``"bfloat16"`` (autocast).
+
+    ``auto`` is bf16 on a CUDA device that supports it; on a CPU, bf16 where the CPU has bf16 matrix units
+    (:func:`cpu_bf16_support`) and ``network`` is one measured faster in it (:data:`CPU_BF16_FASTER`); float32
+    elsewhere. An explicit ``float32`` or ``bfloat16`` is taken as it is.
+    """
+    if dtype != "auto":
+        return dtype
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if (cpu_bf16_support() and network in CPU_BF16_FASTER) else "float32"
+
+
+NETWORKS_WITHOUT_REGISTRY = ("vae", "semisup_vae", "m2", "encoder_only")  # networks named by a chapter, not models.py
+
+
+def run_networks(experiment: str, params: dict) -> list[str]:
+    """The networks a run with ``params`` trains (what ``dtype: auto`` decides for): the names of classifiers and
+    of the generative models found among its parameter values, and ``vae`` for the VAE chapter."""
+    from fmnist_core.core.models import list_models
+    known = set(list_models()) | set(NETWORKS_WITHOUT_REGISTRY)
+    found = ["vae"] if experiment == "vae" else []
+    for name, value in params.items():
+        if name in ("budget_limited", "sgd_model"):  # subsets of `models`, named again
+            continue
+        for item in (value if isinstance(value, list) else [value]):
+            if isinstance(item, str) and item in known and item not in found:
+                found.append(item)
+    if experiment == "semisupervised" and "cnn" in (params.get("models") or []):
+        found.append("mycnn")  # the chapter's CNN baseline
+    return found
+
+
+def precision_record(experiment: str, params: dict, device) -> dict:
+    """What ``env.json`` and the reproducibility appendix say of a run's precision: the ``dtype`` asked for, the
+    CPU's bf16 support, and the precision each of its networks trained in (:func:`resolve_dtype`)."""
+    dtype = params.get("dtype", "float32")
+    return {"dtype": dtype, "cpu_bf16": cpu_bf16_support() if torch.device(device).type == "cpu" else None,
+            "networks": {n: resolve_dtype(dtype, device, n) for n in run_networks(experiment, params)}}
+
+
+def describe_precision(record: dict | None) -> str:
+    """A :func:`precision_record` in words, e.g. ``dtype auto: bf16 autocast for mycnn; float32 for lenet_avg``."""
+    if not record:
+        return "not recorded"
+    groups: dict[str, list[str]] = {}
+    for network, dtype in record["networks"].items():
+        groups.setdefault(dtype, []).append(network)
+    parts = [f"{'bf16 autocast' if d == 'bfloat16' else 'float32'} for {', '.join(n)}" for d, n in groups.items()]
+    unit = f" (CPU bf16 units: {record['cpu_bf16'] or 'none'})" if "cpu_bf16" in record else ""
+    return f"dtype {record['dtype']}: {'; '.join(parts) or 'no network trained'}{unit}"
+
+
+def precision_label(dtype: str) -> str:
+    """How a page names a resolved precision: ``bf16 autocast`` or ``float32``."""
+    return "bf16 autocast (weights, losses and metrics in float32)" if dtype == "bfloat16" else "float32"
+
+
 def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA when asked for; full precision otherwise (CPU autocast is slower here)."""
-    if device.type == "cuda" and dtype == "bfloat16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (CUDA or CPU) for a resolved ``dtype`` of ``"bfloat16"``; full precision otherwise.
+
+    As in USB's and the FixMatch authors' mixed-precision options, only the forward pass's matrix products and
+    convolutions run in bf16; weights, optimiser state, losses and metrics stay in float32 (callers compute
+    their losses from ``.float()`` outputs)."""
+    if dtype == "bfloat16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def prepare_model(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device):
-    """Move to the device; channels-last and ``torch.compile`` on CUDA; the determinism switches of
-    ``cfg.deterministic`` (:func:`configure_numerics`). Returns (raw, runnable) models."""
+def prepare_model(model: torch.nn.Module, cfg: RuntimeConfig, device: torch.device, dtype: str = "float32"):
+    """Move to the device; channels-last on CUDA and on a CPU in bf16 (``dtype``, resolved); ``torch.compile``
+    on CUDA; the determinism switches of ``cfg.deterministic`` (:func:`configure_numerics`). Returns (raw,
+    runnable) models."""
     # Read on every device: all three are options (they act on CUDA only).
     channels_last, compile_model, mode = cfg.channels_last, cfg.compile, cfg.compile_mode
     configure_numerics(device, cfg.deterministic)
     model = model.to(device)
-    if device.type == "cuda" and channels_last:
+    if channels_last and (device.type == "cuda" or dtype == "bfloat16"):
         model = model.to(memory_format=torch.channels_last)
     runnable = torch.compile(model, mode=mode) if (compile_model and device.type == "cuda") else model
     return model, runnable

@@ -104,7 +104,8 @@ NUMERICS = {
 
 
 def appendix_table(profile: str, results_dir: Path) -> str:
-    """Per experiment: command, parameters hash, seed, device, versions, commit and wall time."""
+    """Per experiment: command, parameters hash, seed, device, precision, versions, commit and wall time."""
+    from fmnist_core.core.train import describe_precision
     blocks = []
     for name in EXPERIMENTS:
         env_path = results_dir / profile / name / "env.json"
@@ -117,6 +118,7 @@ def appendix_table(profile: str, results_dir: Path) -> str:
             f"## {EXPERIMENTS[name].title} (`{name}`)\n\n"
             f"- command: `{env['command']}`\n- parameters hash (run key): `{env['key'][:16]}`\n"
             f"- seed(s): {env['seed']}\n- device: {env['device']}; numerics: {NUMERICS.get(env.get('numerics'), 'not recorded')}\n"
+            f"- precision: {describe_precision(env.get('precision'))}\n"
             f"- Python {env['python']}; {versions}\n"
             f"- commit: `{env['git_commit']}`\n- wall time: {env['wall_seconds']} s; finished {env['finished_at']}\n\n"
             f"| parameter | value |\n|---|---|\n{params}\n")

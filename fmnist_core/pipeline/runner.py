@@ -338,7 +338,7 @@ def environment_record(experiment, profile, params, parts, seconds, overrides) -
 
     import torch
 
-    from fmnist_core.core.train import numerics_mode
+    from fmnist_core.core.train import numerics_mode, precision_record
     versions = {}
     for package in ("torch", "torchvision", "numpy", "scikit-learn", "openTSNE", "papermill", "jupyter-book"):
         try:
@@ -353,6 +353,7 @@ def environment_record(experiment, profile, params, parts, seconds, overrides) -
             "device": torch.cuda.get_device_name() if device.type == "cuda"
             else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
             "numerics": numerics_mode(device, bool(params.get("deterministic"))),
+            "precision": precision_record(experiment, params, device),
             "torch_threads": torch.get_num_threads(), "wall_seconds": round(seconds, 1),
             "command": f"fmnist-book run {experiment} --profile {profile} {cli}".strip(),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

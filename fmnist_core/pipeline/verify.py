@@ -32,6 +32,7 @@ class Comparison:
     mismatches: list[tuple[str, object, object]] = field(default_factory=list)
     compared: int = 0
     notes: list[str] = field(default_factory=list)
+    precision: str = ""             # the recorded run's precision, in words
 
     @property
     def reproduced(self) -> bool:
@@ -111,6 +112,8 @@ def verify_run(run_dir, data_dir=None, keep: bool = False, log=print) -> Compari
     exact = env.get("numerics") == "cpu" and device.type == "cpu"
     result = compare(experiment, recorded, rerun, exact)
     result.notes = notes
+    from fmnist_core.core.train import describe_precision
+    result.precision = describe_precision(env.get("precision"))
     return result
 
 
@@ -118,7 +121,7 @@ def _drift_notes(env: dict, run_dir: Path, device) -> list[str]:
     """What differs between the recorded run and this re-run besides chance: code, threads, device."""
     import torch
 
-    from fmnist_core.core.train import numerics_mode
+    from fmnist_core.core.train import describe_precision, numerics_mode, precision_record
     notes = []
     if run_key(env["experiment"], env["profile"], env["params"], run_dir.parent.parent) != env.get("key"):
         notes.append("the notebook, the code or an upstream run changed since this run (its key differs): "
@@ -129,13 +132,17 @@ def _drift_notes(env: dict, run_dir: Path, device) -> list[str]:
     if env.get("numerics") != numerics_mode(device, bool(env["params"].get("deterministic"))):
         notes.append(f"recorded in numerics mode {env.get('numerics')!r}, re-run on "
                      f"{'CUDA' if device.type == 'cuda' else 'the CPU'}")
+    here = precision_record(env["experiment"], env["params"], device)
+    if env.get("precision") and env["precision"] != here:
+        notes.append(f"recorded in {describe_precision(env['precision'])}; re-run in {describe_precision(here)}")
     return notes
 
 
 def format_comparison(result: Comparison, max_mismatches: int = 20) -> str:
     """The report printed by ``fmnist-book verify``: headline metrics, mismatches, verdict."""
     rule = "exactly (bit for bit)" if result.exact else f"within {ATOL} + {RTOL} x |recorded| per value"
-    lines = [f"{result.experiment}: compared {rule}"] + [f"  note: {note}" for note in result.notes]
+    lines = [f"{result.experiment}: compared {rule}"] + ([f"  precision: {result.precision}"] if result.precision
+                                                         else []) + [f"  note: {note}" for note in result.notes]
     for name, recorded, rerun, ok in result.headline:
         lines.append(f"  {'ok  ' if ok else 'DIFF'} {name}: recorded {recorded!r}, re-run {rerun!r}")
     for path, recorded, rerun in result.mismatches[:max_mismatches]:

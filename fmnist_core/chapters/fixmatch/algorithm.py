@@ -19,7 +19,9 @@ Sampling: the labeled and the unlabeled images are each read in shuffled epochs 
 epoch, a fresh permutation each epoch, epochs concatenated so batches may straddle two), like the reference
 implementations' shuffled, repeated data sets. Each epoch's permutation comes from its own generator seeded
 by ``(seed, stream, epoch)``, so a batch depends only on the step number and a resumed run needs no sampler
-state. The unlabeled set is all training images, the labeled ones included (as in the paper).
+state. A validation split (``val_size`` class-balanced training images, the same for every run) is held out: it
+is never labeled nor in the unlabeled set, the EMA model is evaluated on it beside the test set, and settings are
+chosen on it. The unlabeled set is all the other training images, the labeled ones included (as in the paper).
 
 Training is the :class:`FixMatch` algorithm run by :func:`fmnist_core.core.loop.train` (seeding, updates,
 history, NaN stop, checkpoints and exact resume are the loop's); a run is the ``fixmatch`` job kind
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from fmnist_core.core import loop
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import (PADDINGS, TRAIN_IMAGES, ImageDataset, Split, balanced_subset, channel_tensor,
-                                   job_dataset, permutation, save_indices, subset, weak_augment)
+                                   job_dataset, permutation, save_indices, stratified_split, subset, weak_augment)
 from fmnist_core.core.errors import ConfigError
 from fmnist_core.core.io import write_json
 from fmnist_core.core.jobs import job_kind
@@ -48,7 +50,7 @@ from fmnist_core.core.loop import Algorithm, Plan
 from fmnist_core.core.models import build_model, model_meta
 from fmnist_core.core.randaugment import rand_augment
 from fmnist_core.core.train import (OptimizerConfig, RuntimeConfig, autocast_context, evaluate, prepare_model,
-                                    resolve_device)
+                                    resolve_device, resolve_dtype)
 
 DATASETS = ("fashion_mnist", "cifar10")
 BACKBONES = ("smallcnn", "wrn28_2", "lenet_avg", "lenet_max")
@@ -79,6 +81,9 @@ class FixMatchMethod(Config):
                                   "0 = only at the end")
     checkpoint_every: int = param(1024, "steps between resumable checkpoints")
     eval_images: int = param(0, "test images (class-balanced) for the EMA accuracy; 0 = all")
+    val_size: int = param(5000, "training images held out as the validation split (class-balanced, the same for "
+                                "every run): never labeled, never in the unlabeled set; the EMA model is evaluated "
+                                "on it beside the test set, and settings are chosen on it, never on the test set")
     median_last: int = param(20, "the reported number beside the final EMA model's: the median EMA test accuracy "
                                  "of the last this-many evaluations (the authors' protocol: 20)")
     randaugment: str = param("authors", "authors: each of the 2 operations applied with probability 0.5 at a random "
@@ -103,6 +108,9 @@ class FixMatchMethod(Config):
         require(self.checkpoint_every >= 1, "checkpoint_every", f"must be at least 1, got {self.checkpoint_every}")
         require(self.eval_images >= 0 and self.eval_images % 10 == 0, "eval_images",
                 "must be 0 (all) or a multiple of 10")
+        require(10 <= self.val_size <= TRAIN_IMAGES[self.dataset] // 2 and self.val_size % 10 == 0, "val_size",
+                f"must be a multiple of 10 (the classes) from 10 to half of {self.dataset}'s "
+                f"{TRAIN_IMAGES[self.dataset]:,} training images, got {self.val_size}")
         require(self.median_last >= 1, "median_last", f"must be at least 1, got {self.median_last}")
         require_choice(self.randaugment, "randaugment", tuple(RANDAUGMENT_VARIANTS))
         require_choice(self.cutout, "cutout", CUTOUT_VARIANTS)
@@ -132,9 +140,9 @@ class FixMatchConfig(FixMatchTraining):
     def check(self) -> None:
         super().check()
         available = TRAIN_IMAGES[self.dataset]
-        require(10 <= self.num_labels <= available and self.num_labels % 10 == 0, "num_labels",
-                f"must be a positive multiple of 10 (the classes) up to {available:,} ({self.dataset}'s training "
-                f"images), got {self.num_labels}")
+        require(10 <= self.num_labels <= available - self.val_size and self.num_labels % 10 == 0, "num_labels",
+                f"must be a positive multiple of 10 (the classes) up to {available - self.val_size:,} ({self.dataset}'s "
+                f"training images less the {self.val_size:,} of the validation split), got {self.num_labels}")
         require(self.label_seed >= 0, "label_seed", f"must be non-negative, got {self.label_seed}")
         require(self.seed >= 0, "seed", f"must be non-negative, got {self.seed}")
 
@@ -327,15 +335,19 @@ class FixMatch(Algorithm):
     batches : FixMatchBatches
         Draws each step's batch (``None`` when batches are fed to :meth:`batch_loss` directly).
     test : Split
-        Images the EMA model is evaluated on (``None`` when :meth:`evaluate` is not used).
+        Test images the EMA model is evaluated on (``None`` when :meth:`evaluate` is not used).
+    val : Split, optional
+        Validation images (held out of training) the EMA model is also evaluated on.
     cfg : FixMatchConfig
         ``threshold``, ``lambda_u``, ``dtype``, ``eval_batch_size``, ``ema_decay``, ``supervised_only``, ``mu``
         and ``batch_size`` are read here.
     """
 
-    def __init__(self, model, runnable, batches: FixMatchBatches | None, test: Split | None, cfg: FixMatchConfig):
-        self.model, self.runnable, self.batches, self.test = model, runnable, batches, test
-        self.threshold, self.lambda_u, self.dtype = cfg.threshold, cfg.lambda_u, cfg.dtype
+    def __init__(self, model, runnable, batches: FixMatchBatches | None, test: Split | None, cfg: FixMatchConfig,
+                 val: Split | None = None):
+        self.model, self.runnable, self.batches, self.test, self.val = model, runnable, batches, test, val
+        self.threshold, self.lambda_u = cfg.threshold, cfg.lambda_u
+        self.dtype = resolve_dtype(cfg.dtype, next(model.parameters()).device, cfg.backbone)
         self.eval_batch_size = cfg.eval_batch_size
         self.unlabeled = 0 if cfg.supervised_only else cfg.mu * cfg.batch_size
         self.ema = EMA(model, cfg.ema_decay)
@@ -379,12 +391,16 @@ class FixMatch(Algorithm):
                 "mask_ratio": masked / (steps * self.unlabeled) if self.unlabeled else None,
                 "pseudo_label_accuracy": sums["correct"] / (steps * self.unlabeled) if self.unlabeled else None,
                 "confident_accuracy": sums["masked_correct"] / masked if masked else None,
-                "ema_test_loss": None, "ema_test_accuracy": None}
+                "ema_val_loss": None, "ema_val_accuracy": None, "ema_test_loss": None, "ema_test_accuracy": None}
 
     def evaluate(self):
-        """The EMA model's test loss and accuracy (host floats, at evaluation steps only)."""
+        """The EMA model's validation and test loss and accuracy (host floats, at evaluation steps only)."""
+        out = {}
+        if self.val is not None:
+            stats = evaluate(self.ema.model, self.val, self.eval_batch_size, self.dtype)
+            out.update({"ema_val_loss": stats["loss"], "ema_val_accuracy": stats["accuracy"]})
         stats = evaluate(self.ema.model, self.test, self.eval_batch_size, self.dtype)
-        return {"ema_test_loss": stats["loss"], "ema_test_accuracy": stats["accuracy"]}
+        return {**out, "ema_test_loss": stats["loss"], "ema_test_accuracy": stats["accuracy"]}
 
     def evaluated_model(self):
         """The EMA model: what ``best.pt`` stores (the final one, as there is no selection)."""
@@ -399,10 +415,25 @@ class FixMatch(Algorithm):
 
 
 # ------------------------------------------------------------------------------------------------ a run
-def labeled_indices(labels: torch.Tensor, num_labels: int, label_seed: int, num_classes: int = 10) -> np.ndarray:
-    """The class-balanced labeled subset (sorted indices), or a ``ConfigError`` the data cannot satisfy."""
+VAL_SPLIT_SEED = 0  # the validation split is the same for every run, whatever its seed
+
+
+def validation_split(labels: torch.Tensor, val_size: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices of the training images: ``val_size`` class-balanced images held out, the same
+    for every run (:data:`VAL_SPLIT_SEED`); labeled and unlabeled images are drawn from the train part only."""
     try:
-        return balanced_subset(labels, num_labels, label_seed, num_classes)
+        return stratified_split(labels, val_size, VAL_SPLIT_SEED, num_classes)
+    except ValueError as err:
+        raise ConfigError(f"parameter 'val_size' {err}") from None
+
+
+def labeled_indices(labels: torch.Tensor, num_labels: int, label_seed: int, num_classes: int = 10,
+                    pool: np.ndarray | None = None) -> np.ndarray:
+    """The class-balanced labeled subset (sorted indices into ``labels``) drawn from ``pool`` (indices; all
+    when ``None``), or a ``ConfigError`` the data cannot satisfy."""
+    pool = np.arange(len(labels)) if pool is None else np.asarray(pool)
+    try:
+        return pool[balanced_subset(np.asarray(labels.cpu())[pool], num_labels, label_seed, num_classes)]
     except ValueError as err:
         raise ConfigError(f"parameter 'num_labels' {err}") from None
 
@@ -414,19 +445,24 @@ def eval_split(ds: ImageDataset, eval_images: int) -> Split:
 
 
 def build_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir: Path) -> FixMatch:
-    """The labeled subset (saved as ``labeled_indices.npz``), the batches, the seeded model and the EMA."""
+    """The validation split, the labeled subset of the rest (both saved in ``labeled_indices.npz``), the batches,
+    the seeded model and the EMA. The unlabeled images are the training images less the validation split."""
     device = ds.train_images.device
-    idx = labeled_indices(ds.train_labels, cfg.num_labels, cfg.label_seed, ds.num_classes)
-    save_indices(out_dir / "labeled_indices.npz", labeled=idx)
-    index = torch.as_tensor(idx, device=device)
-    labeled = Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
-    unlabeled = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
+    train_idx, val_idx = validation_split(ds.train_labels, cfg.val_size, ds.num_classes)
+    idx = labeled_indices(ds.train_labels, cfg.num_labels, cfg.label_seed, ds.num_classes, train_idx)
+    save_indices(out_dir / "labeled_indices.npz", labeled=idx, validation=val_idx)
+
+    def part(indices):
+        index = torch.as_tensor(indices, device=device)
+        return Split(ds.train_images[index], ds.train_labels[index], ds.mean, ds.std)
+    labeled, unlabeled, val = part(idx), part(train_idx), part(val_idx)
     batches = FixMatchBatches(labeled, unlabeled, cfg.batch_size, cfg.mu, cfg.seed, cfg.supervised_only,
                               cfg.randaugment, cfg.cutout, cfg.weak_padding)
     torch.manual_seed(cfg.seed)  # initialisation
     c, h, _ = ds.image_shape
-    raw, runnable = prepare_model(build_model(cfg.backbone, c, ds.num_classes, h), cfg, device)
-    return FixMatch(raw, runnable, batches, eval_split(ds, cfg.eval_images), cfg)
+    raw, runnable = prepare_model(build_model(cfg.backbone, c, ds.num_classes, h), cfg, device,
+                                  resolve_dtype(cfg.dtype, device, cfg.backbone))
+    return FixMatch(raw, runnable, batches, eval_split(ds, cfg.eval_images), cfg, val)
 
 
 def train_fixmatch(cfg: FixMatchConfig, ds: ImageDataset, out_dir, log=print):
@@ -496,7 +532,10 @@ def run_fixmatch(cfg: FixMatchConfig, out_dir, log=print) -> dict:
     write_json(out_dir / "timings.json", {"train_s": seconds, "steps_per_s": cfg.steps / seconds if seconds else None})
     final = history[-1]
     median, evaluations = median_of_last(history, cfg.median_last)
+    median_val, _ = median_of_last(history, cfg.median_last, "ema_val_accuracy")
     return {"test_accuracy": final["ema_test_accuracy"], "test_loss": final["ema_test_loss"],
-            "median_test_accuracy": median, "median_evaluations": evaluations, "steps": cfg.steps,
+            "median_test_accuracy": median, "median_evaluations": evaluations,
+            "val_accuracy": final["ema_val_accuracy"], "val_loss": final["ema_val_loss"],
+            "median_val_accuracy": median_val, "val_size": cfg.val_size, "steps": cfg.steps,
             "num_labels": cfg.num_labels, "label_seed": cfg.label_seed, "supervised_only": cfg.supervised_only,
             "model": "final EMA weights", "augmentation": augmentation_label(cfg)}

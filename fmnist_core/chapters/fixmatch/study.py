@@ -29,23 +29,25 @@ class FixMatchStudyConfig(FixMatchTraining):
 
     label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
-    ceiling_labels: int = param(60000, "labels of the fully supervised ceiling (0 = no ceiling run); it takes "
-                                       "(1 + mu) B labeled images a step, as many as a FixMatch step sees")
+    ceiling_labels: int = param(55000, "labels of the fully supervised ceiling (0 = no ceiling run; at most the "
+                                       "training images less the validation split); it takes (1 + mu) B labeled "
+                                       "images a step, as many as a FixMatch step sees")
     ceiling_steps: int = param(0, "optimiser steps of the ceiling (0 = steps, the paper's equal budget); a "
                                   "supervised step costs an eighth of a FixMatch step, so a CPU budget can afford more")
 
     def check(self) -> None:
         super().check()
-        available = TRAIN_IMAGES[self.dataset]  # every run draws its labels, class-balanced, from these
+        # every run draws its labels, class-balanced, from the training images less the validation split
+        available = TRAIN_IMAGES[self.dataset] - self.val_size
+        where = f"{self.dataset}'s training images less the {self.val_size:,} of the validation split"
         require(len(self.label_counts) > 0 and all(10 <= n <= available and n % 10 == 0 for n in self.label_counts),
                 "label_counts", f"must list positive multiples of 10 (the classes) up to {available:,} "
-                                f"({self.dataset}'s training images), got {self.label_counts}")
+                                f"({where}), got {self.label_counts}")
         require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
                 f"must list at least one seed, none negative, got {self.seeds}")
         require(self.ceiling_steps >= 0, "ceiling_steps", f"must be 0 (= steps) or positive, got {self.ceiling_steps}")
         require(0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0, "ceiling_labels",
-                f"must be 0 (none) or a multiple of 10 up to {available:,} ({self.dataset}'s training images), "
-                f"got {self.ceiling_labels}")
+                f"must be 0 (none) or a multiple of 10 up to {available:,} ({where}), got {self.ceiling_labels}")
 
     def job_config(self, num_labels: int, seed: int, supervised_only: bool, *layers: dict) -> FixMatchConfig:
         """The configuration of one job of the study, updated by ``layers``."""

@@ -42,7 +42,7 @@ from torch import nn
 from fmnist_core.core import loop, metrics
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import (TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, Splits, balanced_subset, job_dataset,
-                                   make_splits, permutation, save_indices, tta_augment, weak_augment)
+                                   make_generator, make_splits, permutation, save_indices, tta_augment, weak_augment)
 from fmnist_core.core.errors import ConfigError
 from fmnist_core.core.generative import kl_divergence, reconstruction_loss, reparameterize, to_unit, vae_loss
 from fmnist_core.core.io import write_json
@@ -51,11 +51,12 @@ from fmnist_core.core.loop import Algorithm, Plan, Selection, load_trained
 from fmnist_core.core.models import build_model, model_meta, rebuild
 from fmnist_core.core.supervised import fit
 from fmnist_core.core.train import (EpochBudget, OptimizerConfig, RuntimeConfig, ScheduleConfig, TrainConfig,
-                                    autocast_context, evaluate, prepare_model, resolve_device)
+                                    autocast_context, evaluate, prepare_model, resolve_device, resolve_dtype)
 
 SEMISUP_MODELS = ("semisup_vae", "m2", "encoder_only", "cnn")
 CNN_ARCHITECTURE = "mycnn"  # the classification chapter's registry name of the "cnn" baseline
 CLASSIFIER_HIDDEN = 128
+M2_DIAGNOSTIC_IMAGES = 200  # validation (and unlabeled) images of M2's decoder-agreement and gradient-ratio figures
 DATASET = "fashion_mnist"
 KINGMA_ALPHA = 0.1  # Kingma et al. (2014): alpha = 0.1 N, i.e. 0.1 on the mean cross-entropy (see m2_loss)
 SEMISUP_VAE_CLASS_WEIGHT = 784.0  # 28 x 28 pixels: see SemiSupParams.class_weight
@@ -104,6 +105,10 @@ class SemiSupParams(Config):
                                 "unweighted sum under PyTorch's mean reductions, in nats per image)")
     alpha: float = param(KINGMA_ALPHA, "M2: weight of the labeled images' mean cross-entropy next to the per-image "
                                        "bounds; Kingma et al.'s alpha = 0.1 N on sums over N images is 0.1 here")
+    m2_warmup: int = param(0, "M2: optimiser steps at the start on the labeled images only (labeled bound + alpha "
+                              "x cross-entropy, no unlabeled bound), so that the decoder learns what each class looks "
+                              "like before U(x) steers q(y | x) towards the class it reconstructs best; 0 = none "
+                              "(Kingma et al.'s objective from the first step)")
     unlabeled_ratio: int = param(1, "unlabeled images per labeled image in each step")
     tta: int = param(8, "test-time augmentation: average softmax over this many extra shifted/flipped copies")
 
@@ -125,6 +130,7 @@ class SemiSupParams(Config):
         for name in ("kl_weight", "class_weight", "alpha"):
             require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
         require(self.unlabeled_ratio >= 1, "unlabeled_ratio", f"must be at least 1, got {self.unlabeled_ratio}")
+        require(self.m2_warmup >= 0, "m2_warmup", f"must be 0 (none) or a number of steps, got {self.m2_warmup}")
         require(self.tta >= 0, "tta", "must be non-negative")
 
 
@@ -473,6 +479,41 @@ def m2_loss(model: M2, x_labeled: torch.Tensor, y_labeled: torch.Tensor, x_unlab
             "classification": ce}
 
 
+def _flat_grad(value: torch.Tensor, params: list) -> torch.Tensor:
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def m2_diagnostics(model: M2, x: torch.Tensor, y: torch.Tensor, x_unlabeled: torch.Tensor, alpha: float,
+                   generator: torch.Generator | None = None, kl_weight: float = 1.0) -> dict:
+    """Why M2 learns or does not: two figures of a trained (or training) model, in float32.
+
+    * ``decoder_agreement``: the share of the images ``x`` whose best class under the decoder, argmin_y L(x, y)
+      (the class the model reconstructs at the lowest cost), is their label ``y``. The unlabeled bound U(x)
+      pulls q(y | x) towards that class, so below q(y | x)'s own accuracy it teaches the classifier mistakes.
+    * ``gradient_ratio``: the norm of the gradient of mean U(x) (over ``x_unlabeled``) with respect to q(y | x)'s
+      parameters over that of ``alpha`` x the mean cross-entropy of (``x``, ``y``): how much more the unlabeled
+      bound than the labels steers the classifier.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        n, k = len(x), model.num_classes
+        classes = torch.arange(k, device=x.device).repeat_interleave(n)
+        bounds = _m2_bound(model, model.features(x).repeat(k, 1), x.repeat(k, 1, 1, 1), classes, generator,
+                           kl_weight, "bce").view(k, n)
+        agreement = (bounds.argmin(0) == y).float().mean()
+        q_accuracy = (model.classify(x).argmax(1) == y).float().mean()
+    params = [p for p in model.q_y.parameters() if p.requires_grad]
+    with torch.autocast(x.device.type, enabled=False):
+        g_u = _flat_grad(m2_unlabeled_bound(model, x_unlabeled, generator, kl_weight).mean(), params)
+        g_ce = _flat_grad(alpha * F.cross_entropy(model.classify(x).float(), y), params)
+    model.train(was_training)
+    ratio = g_u.norm() / g_ce.norm().clamp(min=1e-12)
+    agreement, q_accuracy, ratio = torch.stack([agreement, q_accuracy, ratio]).tolist()
+    return {"decoder_agreement": agreement, "classifier_accuracy": q_accuracy, "gradient_ratio": ratio}
+
+
 def classification_weight(cfg: SemiSupConfig) -> float:
     """The weight of the mean cross-entropy in the loss of ``cfg.model``: ``class_weight`` for the
     Semi-SupVAE, ``alpha`` for M2, 1 for the classifiers trained on labels alone (their only term)."""
@@ -506,7 +547,7 @@ def _encoder_only_step(model, xl, yl, xu, generator, *, dtype):
 def make_step(cfg: SemiSupConfig):
     """``step(model, x_labeled, y_labeled, x_unlabeled, generator) -> dict`` of 0-dim losses (``loss`` and
     the terms recorded in the history) for ``cfg.model`` (not ``cnn``), with its weights read once."""
-    name, dtype = cfg.model, cfg.dtype
+    name, dtype = cfg.model, resolve_dtype(cfg.dtype, resolve_device(cfg.device), cfg.model)
     if name == "encoder_only":
         return functools.partial(_encoder_only_step, dtype=dtype)
     step = _semisup_vae_step if name == "semisup_vae" else _m2_step
@@ -593,8 +634,12 @@ class SemiSupervised(Algorithm):
         self.model, self.runnable, self.labeled, self.pool = model, runnable, data.labeled, data.splits.train.images
         self.view, self.val = ClassifierView(runnable), unit_split(data.splits.val)
         self.batch_size, self.unlabeled_batch = cfg.batch_size, cfg.batch_size * cfg.unlabeled_ratio
-        self.augment, self.dtype, self.eval_batch_size = cfg.augment, cfg.dtype, cfg.eval_batch_size
+        self.augment, self.eval_batch_size = cfg.augment, cfg.eval_batch_size
+        self.dtype = resolve_dtype(cfg.dtype, data.labeled.images.device, cfg.model)
         self.step_fn, self.uses_unlabeled = make_step(cfg), cfg.model != "encoder_only"
+        self.m2 = cfg.model == "m2"
+        self.warmup = cfg.m2_warmup if self.m2 else 0
+        self.alpha, self.kl_weight = classification_weight(cfg), cfg.kl_weight
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.pool))
         self.u_order, self.l_order, self.l_next = None, None, 0
 
@@ -613,13 +658,21 @@ class SemiSupervised(Algorithm):
         l_index = self._labeled_index(generator)
         xl = _unit_batch(self.labeled.images[l_index], self.augment, generator)
         xu = _unit_batch(self.pool[u_index], self.augment, generator) if self.uses_unlabeled else None
+        if step < self.warmup:  # M2's labeled-only warm-up: no unlabeled bound yet
+            xu = xu[:0]
         self.runnable.train()
         losses = self.step_fn(self.runnable, xl, self.labeled.labels[l_index], xu, generator)
         return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
 
     def evaluate(self):
         stats = evaluate(self.view, self.val, self.eval_batch_size, self.dtype)
-        return {f"val_{k}": v for k, v in stats.items()}
+        out = {f"val_{k}": v for k, v in stats.items()}
+        if self.m2:  # on the first validation images and unlabeled images, the same every evaluation
+            n = min(M2_DIAGNOSTIC_IMAGES, len(self.val.labels))
+            out.update({f"val_{k}": v for k, v in m2_diagnostics(
+                self.model, to_unit(self.val.images[:n]), self.val.labels[:n], to_unit(self.pool[:n]), self.alpha,
+                make_generator(0, self.pool.device), self.kl_weight).items()})
+        return out
 
     def state_dict(self):
         return {"u_order": self.u_order, "l_order": self.l_order, "l_next": self.l_next}
@@ -639,7 +692,8 @@ def semisup_meta(cfg: SemiSupConfig, ds: ImageDataset) -> dict:
 def _train_generative(cfg: SemiSupConfig, ds: ImageDataset, data: SemiSupData, out_dir: Path, log):
     meta = semisup_meta(cfg, ds)
     torch.manual_seed(cfg.seed)  # the initial weights, as in the other chapters
-    raw, runnable = prepare_model(rebuild_semisup(meta), cfg, data.labeled.images.device)
+    device = data.labeled.images.device
+    raw, runnable = prepare_model(rebuild_semisup(meta), cfg, device, resolve_dtype(cfg.dtype, device, cfg.model))
     algo = SemiSupervised(raw, runnable, data, cfg)
     plan = Plan.epochs(cfg.epochs, algo.steps_per_epoch, Selection("val_accuracy"))
     return loop.train(algo, plan, cfg, cfg.schedule, cfg.seed, out_dir, {**cfg.to_dict(), **meta},
