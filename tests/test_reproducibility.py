@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from fmnist_core.core.train import cpu_bf16_support
 from fmnist_core.pipeline import cli
 from fmnist_core.pipeline.experiments import EXPERIMENTS
 from fmnist_core.core.io import read_json, write_json
@@ -27,6 +28,10 @@ def test_every_smoke_experiment_reproduces_bit_for_bit(smoke_book):
     for name in EXPERIMENTS:
         assert f"{name}: compared exactly (bit for bit)" in verify.stdout
     assert verify.stdout.count("  REPRODUCED: ") == len(EXPERIMENTS)
+    # The precision is named; where the CPU has bf16 units, the bf16 autocast runs repeat bit for bit too.
+    assert verify.stdout.count("  precision: dtype auto") == len(EXPERIMENTS)
+    if cpu_bf16_support():
+        assert "bf16 autocast for" in verify.stdout
     assert "DIFF" not in verify.stdout
     assert snapshot(results) == before  # verifying changes nothing under results/
 

@@ -236,3 +236,33 @@ def test_statistics_are_means_over_their_interval(tmp_path):
     history = loop.train(Constant(), Plan(steps=6, log_every=3), OptimizerConfig.from_overrides({"lr": 0.1}),
                          "cosine", 0, tmp_path, {}, log=lambda *_: None)
     assert [r["train_step_number"] for r in history] == [1.0, 4.0]  # (0+1+2)/3, (3+4+5)/3
+
+
+# ------------------------------------------------------------------------------------ precision
+def test_auto_precision_follows_the_cpu_and_the_network(monkeypatch):
+    from fmnist_core.core import train as t
+    monkeypatch.setattr(t, "cpu_bf16_support", lambda: "avx512_bf16")
+    assert t.resolve_dtype("auto", "cpu", "mycnn") == "bfloat16"
+    assert t.resolve_dtype("auto", "cpu", "mlp") == "float32"  # measured slower in bf16
+    assert t.resolve_dtype("float32", "cpu", "mycnn") == "float32"  # an explicit choice is kept
+    assert t.resolve_dtype("bfloat16", "cpu", "mlp") == "bfloat16"
+    monkeypatch.setattr(t, "cpu_bf16_support", lambda: None)  # a laptop without bf16 units
+    assert t.resolve_dtype("auto", "cpu", "mycnn") == "float32"
+    record = t.precision_record("classification", {"dtype": "auto", "models": ["mlp", "mycnn"],
+                                                   "budget_limited": ["mycnn"]}, "cpu")
+    assert record == {"dtype": "auto", "cpu_bf16": None, "networks": {"mlp": "float32", "mycnn": "float32"}}
+    assert t.describe_precision(record) == "dtype auto: float32 for mlp, mycnn (CPU bf16 units: none)"
+
+
+def test_bf16_autocast_on_the_cpu_keeps_losses_and_weights_in_float32():
+    from fmnist_core.core.train import autocast_context, prepare_model, RuntimeConfig
+    model = build_model("lenet_avg")
+    cfg = RuntimeConfig.from_overrides({"device": "cpu"})
+    raw, runnable = prepare_model(model, cfg, torch.device("cpu"), "bfloat16")
+    assert raw.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with autocast_context(torch.device("cpu"), "bfloat16"):
+        logits = runnable(torch.rand(4, 1, 28, 28))
+    assert logits.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in raw.parameters())
+    loss = torch.nn.functional.cross_entropy(logits.float(), torch.arange(4))
+    loss.backward()
+    assert loss.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in raw.parameters())

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fmnist_core.core import metrics
-from fmnist_core.core.config import load_yaml, param, require
+from fmnist_core.core.config import TUNING_SEEDS, load_yaml, param, require
 from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset, job_dataset
 from fmnist_core.core.errors import FmnistBookError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
@@ -18,7 +18,7 @@ from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, FixMatchTrai
 
 
 PROFILES = PROJECT_ROOT / "profiles.yml"
-RESULT_KEYS = ("test_accuracy", "median_test_accuracy", "median_evaluations", "augmentation")
+RESULT_KEYS = ("test_accuracy", "median_test_accuracy", "median_evaluations", "val_accuracy", "augmentation")
 REPORTED = {"test_accuracy": "final EMA model", "median_test_accuracy": "median of the last evaluations (the authors')"}
 
 
@@ -160,11 +160,27 @@ def protocol(params: dict) -> str:
     unlabeled = params["mu"] * params["batch_size"]
     return (f"{params['steps']:,} steps of B = {params['batch_size']} labeled + μB = {unlabeled} unlabeled images "
             f"on {params['backbone']} at {', '.join(f'{n:,}' for n in params['label_counts'])} labels, "
-            f"{len(params['seeds'])} seed(s), an EMA test evaluation every "
+            f"{len(params['seeds'])} seed(s) ({', '.join(map(str, params['seeds']))}), an EMA evaluation every "
             f"{params['eval_every'] or params['steps']:,} steps ({evaluations:,} per run; the median of the last "
             f"{min(params['median_last'], evaluations)}), SGD learning rate η = {params['lr']:g}, "
             f"RandAugment {params['randaugment']}, Cutout "
-            f"{params['cutout']}, {params['weak_padding']} padding")
+            f"{params['cutout']}, {params['weak_padding']} padding; a validation split of {params['val_size']:,} "
+            f"training images held out (never labeled, never unlabeled)")
+
+
+def selection_statement(params: dict) -> str:
+    """Where a profile's settings come from and which seeds its reported numbers are on, in words."""
+    reported = ", ".join(map(str, params["seeds"]))
+    tuning = ", ".join(map(str, TUNING_SEEDS))
+    overlap = sorted(set(params["seeds"]) & set(TUNING_SEEDS))
+    if overlap:
+        return (f"Test accuracy is reported on seeds {reported}; seeds {', '.join(map(str, overlap))} were also "
+                f"among those settings were chosen on (validation accuracy, seeds {tuning}): those numbers may be "
+                f"biased upwards.")
+    return (f"No setting was chosen on the test set: the settings of this profile that differ from the paper were "
+            f"chosen on the validation split's accuracy over seeds {tuning} (`bench/tune.py`, recorded in "
+            f"`bench/results/tuning.json`), and the test accuracy is reported on seeds {reported}, never used to "
+            f"choose a setting.")
 
 
 def semisup_results(results_dir, label_counts) -> list[dict]:

@@ -177,6 +177,28 @@ def run_study(cfg: SemiSupStudyConfig, run_dir, log=print) -> tuple[ImageDataset
     return ds, test_split(cfg, ds), results
 
 
+M2_DIAGNOSTICS = {"val_decoder_agreement": "decoder's best class = label", "val_classifier_accuracy": "q(y | x) right",
+                  "val_gradient_ratio": "gradient ratio U / (α CE)"}
+
+
+def m2_diagnostic_rows(run_dir, results: StudyResults) -> list[dict]:
+    """Per M2 run (main study and alpha study) and evaluation: the step, whether it was still in the labeled-only
+    warm-up, and :func:`fmnist_core.chapters.semisupervised.model.m2_diagnostics`'s figures on validation images."""
+    out, seen = [], set()
+    for row in results.rows + results.alpha_rows:
+        if row.get("model") != "m2" or row["run"] in seen:
+            continue
+        seen.add(row["run"])
+        job = read_json(Path(run_dir) / "models" / row["run"] / "job.json")["config"]
+        for record in read_json(Path(run_dir) / "models" / row["run"] / "history.json"):
+            if record.get("val_decoder_agreement") is None:
+                continue
+            out.append({"run": row["run"], "alpha": job["alpha"], "step": record["step"],
+                        "phase": "warm-up" if record["step"] <= job["m2_warmup"] else "full objective",
+                        **{k: record[k] for k in M2_DIAGNOSTICS}})
+    return out
+
+
 def test_split(cfg: SemiSupStudyConfig, ds: ImageDataset) -> Split:
     """The test images every run is evaluated on: all, or the same class-balanced subset (``split_seed``)."""
     return make_splits(ds, cfg.val_size, cfg.split_seed, cfg.test_images)[0].test
