@@ -26,7 +26,7 @@ from fmnist_core.chapters.fixmatch import study as fixmatch  # noqa: E402
 from fmnist_core.chapters.semisupervised import study as semisupervised  # noqa: E402
 from fmnist_core.core.config import TUNING_SEEDS, parse_cli_value  # noqa: E402
 from fmnist_core.core.io import read_json  # noqa: E402
-from fmnist_core.core.jobs import prepare_job  # noqa: E402
+from fmnist_core.core.jobs import finished_key, prepare_job  # noqa: E402
 from fmnist_core.pipeline.executors import LocalExecutor  # noqa: E402
 from fmnist_core.pipeline.runner import get_profile  # noqa: E402
 
@@ -50,13 +50,16 @@ def tune(study: str, profile: str, overrides: dict, folder: Path, workers: int) 
     cfg = config.from_overrides(params, {"seeds": list(TUNING_SEEDS), **only_compared, **overrides}, where="tune")
     jobs = plan(cfg, folder)
     started = time.perf_counter()
-    todo = [job for job in jobs if not job.finished()]
+    # A job folder that holds a finished job is reused even if the library's source changed since (its key then
+    # differs): a tuning series compares settings, and edits elsewhere in the code must not re-run it.
+    todo = [job for job in jobs if finished_key(job.out_dir) is None]
     for job in todo:
         job.out_dir.mkdir(parents=True, exist_ok=True)
         prepare_job(job)
     failures = LocalExecutor(workers=workers).run({study: todo}, log=lambda *_: None)
-    if failures:
-        raise SystemExit("failed: " + ", ".join(f.label for f in failures))
+    failed = [f.label for f in failures if finished_key(f.job_dir) is None]
+    if failed:
+        raise SystemExit("failed: " + ", ".join(failed))
     runs = []
     for job in jobs:
         method, n, seed = name(job)

@@ -97,6 +97,19 @@ def test_rand_augment_changes_images_per_image_and_keeps_shape_dtype_range(chann
     assert all(not torch.equal(x, image[0]) for x in out)  # Cutout alone changes every image
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grouped_operations_on_the_cpu_give_the_images_of_the_batched_path(channels, monkeypatch):
+    x = random_images(64, channels, 28)
+    for seed in range(3):
+        ops, u = ra.draw_ops(64, torch.Generator().manual_seed(seed), "cpu", torch.float32)
+        grouped = ra.apply_ops_grouped(x, ops, u)
+        monkeypatch.setattr(ra, "GROUPED_ON_CPU", False)
+        batched = ra.apply_ops(x, ops, u)
+        monkeypatch.setattr(ra, "GROUPED_ON_CPU", True)
+        assert torch.equal(ra.apply_ops(x, ops, u), grouped)  # the CPU takes the grouped path
+        torch.testing.assert_close(grouped, batched, rtol=0, atol=1e-5)
+
+
 def test_rand_augment_is_reproducible_from_the_generator():
     x = random_images(16, 3, 32)
     a = ra.rand_augment(x, torch.Generator().manual_seed(5))

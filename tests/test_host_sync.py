@@ -108,6 +108,10 @@ def counter(monkeypatch):
     for name in TORCH_FUNCTIONS:
         monkeypatch.setattr(torch, name, counter.wrap(f"torch.{name}", getattr(torch, name)))
     monkeypatch.setattr(torch, "as_tensor", counter.wrap_as_tensor(torch.as_tensor))
+    # The path that runs on CUDA: on a CPU, RandAugment groups images by operation (a read-back that costs
+    # nothing there); here it is checked as a GPU runs it.
+    from fmnist_core.core import randaugment
+    monkeypatch.setattr(randaugment, "GROUPED_ON_CPU", False)
     for cls in ALGORITHMS:
         monkeypatch.setattr(cls, "train_step", counter.step_function(cls.train_step, counts_steps=True))
         monkeypatch.setattr(cls, "after_step", counter.step_function(cls.after_step))

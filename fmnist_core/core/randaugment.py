@@ -283,14 +283,25 @@ def op_magnitude(index: int, u: torch.Tensor) -> torch.Tensor:
     return value.floor().clamp(max=8) if OP_NAMES[index] == "Posterize" else value
 
 
+# On a CPU nothing waits for a device queue, so reading back which image drew which operation costs nothing and
+# each operation can run on its own images only (2 operations an image instead of all 14: the strong augmentation
+# then no longer dominates a FixMatch step of a small network). tests/test_host_sync.py turns it off to check
+# the path that runs on CUDA, and tests/test_randaugment.py that both paths give the same images.
+GROUPED_ON_CPU = True
+
+
 def apply_ops(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Apply operation ``OPS[ops[i]]`` with magnitude draw ``u[i]`` to image ``i``, for all i at once.
 
-    Nothing is read back to the host: every colour operation runs on the whole batch, the geometric ones
-    share one warp (the identity map for the images that drew none), and one gather from the stacked results
-    keeps, per image, the result of the operation it drew. The cost is fixed (every operation on every
-    image), the price of never waiting for the device to learn which image drew what.
+    On CUDA nothing is read back to the host: every colour operation runs on the whole batch, the geometric
+    ones share one warp (the identity map for the images that drew none), and one gather from the stacked
+    results keeps, per image, the result of the operation it drew. The cost is fixed (every operation on every
+    image), the price of never waiting for the device to learn which image drew what. On a CPU
+    (:data:`GROUPED_ON_CPU`) the images are grouped by the operation they drew and each group gets only its own
+    (:func:`apply_ops_grouped`): the same images, at a fraction of the cost.
     """
+    if GROUPED_ON_CPU and images.device.type == "cpu":
+        return apply_ops_grouped(images, ops, u)
     results = [images]  # OPS[0] is Identity
     results += [OPS[index][1](images, op_magnitude(index, u)) for index in range(1, _FIRST_GEOMETRIC)]
     geometric = ops >= _FIRST_GEOMETRIC
@@ -303,6 +314,28 @@ def apply_ops(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch
     results.append(affine(images, geometric_matrices(kinds, magnitudes, images.shape[2], images.shape[3])))
     choice = torch.where(geometric, torch.full_like(ops, len(results) - 1), ops)
     return torch.stack(results)[choice, torch.arange(len(ops), device=ops.device)]
+
+
+def apply_ops_grouped(images: torch.Tensor, ops: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_ops` with each operation computed on the images that drew it only (one warp for all the
+    geometric ones), for a CPU: it reads the group sizes back, which on a GPU would wait for its queue."""
+    out = images.clone()
+    counts = torch.bincount(ops, minlength=len(OPS)).tolist()
+    order = torch.argsort(ops, stable=True)
+    starts = [sum(counts[:i]) for i in range(len(OPS) + 1)]
+    for index in range(1, _FIRST_GEOMETRIC):
+        if counts[index]:
+            idx = order[starts[index]:starts[index + 1]]
+            out[idx] = OPS[index][1](images[idx], op_magnitude(index, u[idx]))
+    idx = order[starts[_FIRST_GEOMETRIC]:]  # the geometric ops come last in OPS: one block, one warp
+    if len(idx):
+        sub_ops, sub_u = ops[idx], u[idx]
+        magnitudes = torch.zeros_like(sub_u)
+        for index in range(_FIRST_GEOMETRIC, len(OPS)):
+            magnitudes = torch.where(sub_ops == index, op_magnitude(index, sub_u), magnitudes)
+        out[idx] = affine(images[idx], geometric_matrices(sub_ops - _FIRST_GEOMETRIC, magnitudes, images.shape[2],
+                                                          images.shape[3]))
+    return out
 
 
 def level_draws(u: torch.Tensor, ops: torch.Tensor, sign: torch.Tensor, levels: int) -> torch.Tensor:
