@@ -299,7 +299,6 @@ def train(algo: Algorithm, plan: Plan, optim: OptimizerConfig, schedule: str, se
         run.window.add({"loss": loss.detach(), **stats})
         done = step + 1
         if _at_boundary(run, algo, plan, done, lr, name, log, limit):
-            log(f"{name}: stopped at the deadline after step {done} of {plan.steps} (resumable from last.pt)")
             break
     _finish(run.ckpt, algo, plan, run.history.records, done)
     return run.history.records
@@ -360,6 +359,8 @@ def _at_boundary(run: _Run, algo, plan: Plan, done: int, lr: float, name: str, l
                            history=run.history.records,
                            rng={"data": run.generator.get_state(), "torch": torch.get_rng_state()},
                            window=run.window.state(), algorithm=algo.state_dict())
+    if stop:
+        log(f"{name}: stopped at the deadline after step {done} of {plan.steps} (resumable from last.pt)")
     return stop
 
 

@@ -58,7 +58,8 @@ CUDA_TESTS = CUDA_ONLY_TESTS + [
 BENCH_ARGS = ["--device", "cuda", "--backbone", "wrn28_2", "--dtype", "bfloat16", "--batch-size", "64", "--mu", "7",
               "--steps", "60", "--rounds", "2", "--warmup", "5", "--workers", "4"]
 REHEARSAL_BENCH_ARGS = ["--device", "cpu", "--backbone", "smallcnn", "--dtype", "float32", "--batch-size", "8",
-                        "--mu", "2", "--steps", "2", "--rounds", "1", "--warmup", "1", "--workers", "1", "--threads", "1"]
+                        "--mu", "2", "--steps", "2", "--rounds", "1", "--warmup", "1", "--workers", "1",
+                        "--threads", "1"]
 # Left out of a chapter's archive: checkpoints and TensorBoard events always, then (only when the archive would
 # exceed MAX_FILE_BYTES) the test-set probabilities and split indices, then the executed notebook.
 PACK_TIERS = ((".pt",), (".pt", ".npy", ".npz"), (".pt", ".npy", ".npz", ".ipynb"))
@@ -179,7 +180,8 @@ class Session:
         self.record["seconds"] = round(time.time() - self.started, 1)
         self.record["ended_at"] = time.strftime("%Y-%m-%d %H:%M:%S UTC")
         failed = [s["name"] for s in self.record["steps"] if s["status"] != "ok"]
-        self.log(f"done in {self.record['seconds']:.0f} s; " + (f"not ok: {', '.join(failed)}" if failed else "every step ok"))
+        outcome = f"not ok: {', '.join(failed)}" if failed else "every step ok"
+        self.log(f"done in {self.record['seconds']:.0f} s; {outcome}")
         write_json(self.out / SESSION_FILE, self.record)
         return 1 if failed else 0
 
@@ -198,7 +200,8 @@ class Session:
                 os.killpg(proc.pid, signal.SIGKILL)
                 rc, timed_out = proc.wait(), True
         seconds = round(time.time() - started, 1)
-        self.log(f"{name}: " + (f"killed after {seconds:.0f} s" if timed_out else f"exit status {rc} in {seconds:.0f} s"))
+        outcome = f"killed after {seconds:.0f} s" if timed_out else f"exit status {rc} in {seconds:.0f} s"
+        self.log(f"{name}: {outcome}")
         return {"command": " ".join(command), "rc": rc, "timed_out": timed_out, "seconds": seconds,
                 "slot_s": round(timeout, 1)}
 
@@ -254,7 +257,8 @@ class Session:
         if env is None:
             failure = run_dir.with_name(step.name + ".failed.json")
             error = read_json(failure).get("error") if failure.exists() else ""
-            entry["status"] = f"failed: no finished run ({error or ('killed' if result['timed_out'] else 'see the log')})"
+            error = error or ("killed" if result["timed_out"] else "see the log")
+            entry["status"] = f"failed: no finished run ({error})"
             return entry
         entry["stopped_early"] = env.get("stopped_early") or {}
         entry["status"] = "ok" if result["rc"] == 0 else f"failed: exit status {result['rc']}"
@@ -276,7 +280,7 @@ class Session:
             step["archive"] = pack_run(folder, archive, step["name"])
             self.log(f"packed {archive.name}: {archive.stat().st_size / 2 ** 20:.1f} MiB ({step['archive']})")
         trim_log(self.out / LOG_FILE)
-        files = sorted(p.name for p in self.out.iterdir()) + ([SESSION_FILE] if not (self.out / SESSION_FILE).exists() else [])
+        files = sorted({p.name for p in self.out.iterdir()} | {SESSION_FILE})
         if len(files) > MAX_FILES:
             raise RunError(f"{len(files)} files in {self.out}, more than the {MAX_FILES} that come back")
         return files
@@ -385,19 +389,8 @@ def record(folder, root=None, min_steps: int = 50) -> list[str]:
     if session.get("rehearsal") and root.resolve() == PROJECT_ROOT.resolve():
         raise RunError(f"{folder}: a rehearsal's results (profile {session.get('profile')}) are never recorded into "
                        f"the project; give another --root to try the recording")
-    profile, written = session["profile"], []
-    reference = root / "reference" / profile
-    for step in session.get("steps", []):
-        archive = folder / f"{step['name']}.tar.gz"
-        if step.get("kind") != "chapter" or not archive.is_file():
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            run_dir = unpack(archive, Path(tmp), step["name"])
-            if not (run_dir / "env.json").is_file() or not (run_dir / "metrics.json").is_file():
-                written.append(f"{step['name']}: not recorded ({step.get('status')}: no finished run in {archive.name})")
-                continue
-            written.append(record_chapter(run_dir, reference / step["name"], session, root))
-            written += record_step_times(run_dir, root, step.get("workers", 1), min_steps)
+    reference = root / "reference" / session["profile"]
+    written = _record_chapters(folder, session, reference, root, min_steps)
     bench = folder / BENCH_FILE
     if bench.is_file():
         target = root / "bench" / "results" / f"fixmatch_{read_json(bench).get('device_type', 'cuda')}.json"
@@ -408,6 +401,24 @@ def record(folder, root=None, min_steps: int = 50) -> list[str]:
     target = reference / f"session-{session['plan']}.json"
     write_json(target, {**session, "recorded_at": time.strftime("%Y-%m-%d")})
     written.append(f"{target.relative_to(root)}: the session's record")
+    return written
+
+
+def _record_chapters(folder: Path, session: dict, reference: Path, root: Path, min_steps: int) -> list[str]:
+    """Each chapter archive of ``folder`` that holds a finished run, into ``reference/<experiment>/``."""
+    written = []
+    for step in session.get("steps", []):
+        archive = folder / f"{step['name']}.tar.gz"
+        if step.get("kind") != "chapter" or not archive.is_file():
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = unpack(archive, Path(tmp), step["name"])
+            if not (run_dir / "env.json").is_file() or not (run_dir / "metrics.json").is_file():
+                written.append(f"{step['name']}: not recorded ({step.get('status')}: no finished run in "
+                               f"{archive.name})")
+                continue
+            written.append(record_chapter(run_dir, reference / step["name"], session, root))
+            written += record_step_times(run_dir, root, step.get("workers", 1), min_steps)
     return written
 
 
@@ -444,7 +455,8 @@ def record_chapter(run_dir: Path, dest: Path, session: dict, root: Path) -> str:
             if (done.parent / name).is_file():
                 shutil.copyfile(done.parent / name, job_dest / name)
     stopped = env.get("stopped_early")
-    return f"{dest.relative_to(root)}: {run_dir.name} on {env.get('device')}" + (f" ({stopped_note(stopped)})" if stopped else "")
+    note = f" ({stopped_note(stopped)})" if stopped else ""
+    return f"{dest.relative_to(root)}: {run_dir.name} on {env.get('device')}{note}"
 
 
 def record_step_times(run_dir: Path, root: Path, workers: int, min_steps: int = 50) -> list[str]:
@@ -480,8 +492,9 @@ def record_step_times(run_dir: Path, root: Path, workers: int, min_steps: int = 
 
 
 # ----------------------------------------------------------------------------------------------- command
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fmnist_core.pipeline.gpu_session", description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fmnist_core.pipeline.gpu_session",
+                                     description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("session", help="run a plan's steps within a time budget and pack the results")
     run.add_argument("--plan", default="book", help=f"one of {', '.join(PLANS)}")
@@ -496,7 +509,12 @@ def main(argv=None) -> int:
     rec.add_argument("folder", type=Path)
     rec.add_argument("--root", type=Path, default=None, help="the project root to write into (default: this checkout)")
     rec.add_argument("--min-steps", type=int, default=50, help="jobs of fewer steps give no step time")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """``session`` or ``record``; exit status 0 (every step ok), 1 (a step failed) or 2 (bad input)."""
+    args = _parser().parse_args(argv)
     try:
         if args.command == "record":
             for line in record(args.folder, args.root, args.min_steps):

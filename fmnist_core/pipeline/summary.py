@@ -205,8 +205,8 @@ def glance_rows(profile: str, results_dir, root=None, references=None) -> list[G
     rows = []
     for name, experiment in EXPERIMENTS.items():
         run = _read_run(Path(results_dir) / profile / name)
-        this_build, budget = (None, "") if run is None else (HEADLINES[name](run[0], run[1]["params"]) + _stopped(run[1]),
-                                                             _budget(name, run[1]["params"]))
+        this_build, budget = (None, "") if run is None else (
+            HEADLINES[name](run[0], run[1]["params"]) + _stopped(run[1]), _budget(name, run[1]["params"]))
         rows.append(GlanceRow(name, experiment.title, this_build, budget, _recorded(name, root),
                               [refs.figure(*keys) for keys in QUOTED[name]["source"]],
                               [refs.literature_figure(*keys) for keys in QUOTED[name]["literature"]]))
