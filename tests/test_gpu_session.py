@@ -203,7 +203,7 @@ def test_the_rehearsal_runs_every_step_and_packs_what_comes_back_within_the_limi
 
 @pytest.mark.slow
 def test_recording_the_rehearsal_fills_the_reference_the_glance_page_and_plan_read(rehearsal, tmp_path, monkeypatch):
-    out, _, result, _ = rehearsal
+    out, work, result, _ = rehearsal
     assert result.returncode == 0
     refused = subprocess.run(["bash", str(RECORD), str(out)], capture_output=True, text=True,
                              env={**os.environ, "PYTHON": sys.executable})
@@ -228,8 +228,45 @@ def test_recording_the_rehearsal_fills_the_reference_the_glance_page_and_plan_re
     assert "nats per image" in rows["vae"].recorded[0]
     assert not any("stopped" in line for line in rows["vae"].recorded)
     assert rows["vae"].recorded[-1].startswith(f"({env['device']}, ") and rows["dataset"].recorded is None
+    # A build of one's own that a deadline stopped says so too.
+    built = {row.experiment: row for row in summary.glance_rows("smoke", work / "results", root=tmp_path)}
+    assert built["classification"].this_build[-1].startswith("stopped at a deadline, short of the profile's budget")
+    assert not any("stopped" in line for line in built["vae"].this_build)
     # fmnist-book plan's seconds per step: the chapters' jobs and the benchmark's FixMatch step.
     times = step_times(env["device"], root / "bench" / "results" / "step_times.json")
     assert {"classifier/mlp/b128", "classifier/lenet_max/b128", "vae/z20/b128"} <= set(times)
     assert "fixmatch/smallcnn/b8/mu2" in times and all(t > 0 for t in times.values())
     assert json.loads((root / "bench" / "results" / "fixmatch_cpu.json").read_text())["args"]["batch_size"] == 8
+
+
+# --------------------------------------------------------------------------------------------- runs and plans
+def test_a_run_with_stopped_jobs_is_up_to_date_only_while_its_deadline_holds(tmp_path, monkeypatch):
+    from fmnist_core.core.io import write_json
+    from fmnist_core.pipeline import runner
+    final = tmp_path / "smoke" / "vae"
+    write_json(final / "env.json", {"key": "k", "stopped_early": {"models/main": {"steps_done": 16,
+                                                                                  "steps_planned": 32}}})
+    monkeypatch.setenv(deadline.DEADLINE_ENV, PAST)
+    assert runner._up_to_date(final, "k") and runner.stopped_early(final)
+    monkeypatch.delenv(deadline.DEADLINE_ENV)
+    assert not runner._up_to_date(final, "k")  # the next run resumes the stopped job
+    write_json(final / "env.json", {"key": "k"})
+    assert runner._up_to_date(final, "k") and runner.stopped_early(final) == {}
+
+
+@pytest.mark.parametrize("plan", ["semisupervised", "fixmatch"])
+def test_the_later_plans_are_valid_and_their_estimated_jobs_fit_one_command(plan, tmp_path):
+    from fmnist_core.pipeline.experiments import get_experiment
+    from fmnist_core.pipeline.runner import resolve_params
+    [step] = gpu_session.PLANS[plan][1]
+    resolve_params(step.name, "smoke", step.rehearsal_overrides)  # the rehearsal's parameters are valid too
+    exp = get_experiment(step.name)
+    jobs = exp.plan(exp.config.from_overrides(resolve_params(step.name, "standard", step.overrides)), tmp_path)
+    estimate = read_json(PROJECT_ROOT / "bench" / "results" / "standard_estimate.json")
+    seconds = {job["job"]: job["seconds"] for job in estimate["jobs"][step.name]}
+    assert jobs and all(job.label in seconds for job in jobs)
+    # One job after the other (no credit for the workers sharing the GPU), before the training deadline of the
+    # default budget: the 2-minute start-up, install and data check of a device run left aside.
+    training_s = 540 - gpu_session.PACK_RESERVE_S - step.finish_s
+    assert sum(seconds[job.label] for job in jobs) < training_s
+    assert sum(seconds.values()) > training_s  # the whole chapter would not fit: the plan is what makes it

@@ -250,8 +250,8 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
         return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started)
     seconds = time.perf_counter() - started
     env = environment_record(experiment, profile, params, parts, seconds, overrides)
-    env.update({"stopped_early": deadlines.stopped_jobs(partial)} if deadlines.stopped_jobs(partial) else {})
-    write_json(partial / "env.json", env)
+    stopped = deadlines.stopped_jobs(partial)  # jobs a deadline stopped short of their budget
+    write_json(partial / "env.json", {**env, **({"stopped_early": stopped} if stopped else {})})
     _swap_into_place(partial, final)
     log(f"{experiment} [{profile}]: done in {seconds:.0f} s -> {final}")
     return RunResult(experiment, "done", final, seconds)
