@@ -33,9 +33,9 @@ if ! "$py" -c "import papermill, ipykernel, openTSNE" 2>/dev/null; then
   fi
   say "install: $(ls .whl/*.whl | wc -l) wheels into /tmp/fmnist-site"
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fmnist-site \
-    .whl/*.whl >>"$log" 2>&1 || { say "error: the wheels did not install (see above)"; exit 2; }
+    .whl/*.whl >>"$log" 2>&1 || { say "error: the wheels did not install (pip's output is in $log)"; exit 2; }
   export PYTHONPATH=/tmp/fmnist-site${PYTHONPATH:+:$PYTHONPATH}
-  "$py" -m ipykernel install --user --name python3 >>"$log" 2>&1 || { say "error: no Jupyter kernel"; exit 2; }
+  "$py" -m ipykernel install --user --name python3 >>"$log" 2>&1 || { say "error: no Jupyter kernel (see $log)"; exit 2; }
 else
   say "install: nothing missing"
 fi
@@ -43,6 +43,6 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # The data (no network there) and the commit (the copy may travel without .git), from the preparation.
 if [ -d .gpu/data ]; then export FMNIST_DATA_DIR=$PWD/.gpu/data; fi
 if [ -f .gpu/commit ]; then export FMNIST_SESSION_COMMIT=$(cat .gpu/commit); fi
-"$py" -m fmnist_core.pipeline.cli data >>"$log" 2>&1 || { say "error: no Fashion-MNIST (see above)"; exit 2; }
+"$py" -m fmnist_core.pipeline.cli data >>"$log" 2>&1 || { say "error: no Fashion-MNIST (see $log)"; exit 2; }
 say "data: verified"
 exec "$py" -m fmnist_core.pipeline.gpu_session session --started "$started" "$@"
