@@ -248,6 +248,16 @@ def versions() -> dict:
             "numpy": np.__version__, "pillow": PIL.__version__}
 
 
+def gpu_memory(device: torch.device) -> dict | None:
+    """Peak GPU memory of the run (both pipelines: their models and the device-resident training set), in MiB."""
+    if device.type != "cuda":
+        return None
+    mib = lambda n: round(n / 2 ** 20, 1)  # noqa: E731
+    return {"max_allocated_mib": mib(torch.cuda.max_memory_allocated(device)),
+            "max_reserved_mib": mib(torch.cuda.max_memory_reserved(device)),
+            "total_mib": mib(torch.cuda.get_device_properties(device).total_memory)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -285,6 +295,7 @@ def main(argv=None) -> dict:
         "dataloader_workers": {"per_loader": args.workers, "loaders": 2},
         "args": vars(args) | {"out": str(Path(args.out).relative_to(ROOT)) if Path(args.out).is_relative_to(ROOT)
                               else args.out},
+        "gpu_memory": gpu_memory(device),
         "versions": versions(),
     }
     write_json(args.out, report)

@@ -8,7 +8,9 @@ gathers their ``metrics.json``. A job
   checkpoints and history while it trains, ``metrics.json`` and finally ``done.json`` (its key) when it
   has finished — ``done.json`` is written last, so a folder with it holds a finished job;
 * is skipped when its folder holds a finished job with the same key (the config and the source of the
-  modules its kind imports, :func:`source_hashes`); a folder of another key is cleared first;
+  modules its kind imports, :func:`source_hashes`); a folder of another key is cleared first; a job that a
+  deadline stopped early (``done.json`` holds ``stopped_early``, :mod:`fmnist_core.core.deadline`) counts as
+  finished only while that deadline is still set and passed, and is resumed otherwise;
 * seeds itself from its config only, so it gives the same bytes in any process: ``python -m
   fmnist_core.core.jobs JOB_DIR`` runs the job described by ``JOB_DIR/job.json`` in a fresh process.
 """
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from fmnist_core.core import deadline as deadlines
 from fmnist_core.core.config import Config
 from fmnist_core.core.errors import ConfigError, FmnistBookError
 from fmnist_core.core.io import PROJECT_ROOT, read_json, write_json
@@ -103,9 +106,12 @@ def finished_key(out_dir) -> str | None:
     """The key in ``out_dir/done.json``, or ``None`` when the folder holds no finished job."""
     path = Path(out_dir) / DONE_FILE
     try:
-        return read_json(path).get("key") if path.exists() else None
+        record = read_json(path) if path.exists() else {}
     except FmnistBookError:
         return None
+    if record.get("stopped_early") and not deadlines.stopped_job_is_final():
+        return None  # stopped at a deadline that is no longer in force: resumed to its full budget
+    return record.get("key")
 
 
 def run_job(job: Job, log=print) -> dict:
@@ -116,9 +122,11 @@ def run_job(job: Job, log=print) -> dict:
     prepare_job(job, key)
     started = time.perf_counter()
     metrics = spec.run(job.config, job.out_dir, log)
+    stopped = job.out_dir / deadlines.STOPPED_FILE
     write_json(job.out_dir / METRICS_FILE, metrics)
     write_json(job.out_dir / DONE_FILE, {"key": key, "seconds": round(time.perf_counter() - started, 1),
-                                         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+                                         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                         **({"stopped_early": read_json(stopped)} if stopped.exists() else {})})
     return metrics
 
 
@@ -129,7 +137,7 @@ def prepare_job(job: Job, key: str | None = None) -> str:
     job_file = job.out_dir / JOB_FILE
     if job_file.exists() and _read_key(job_file) != key:
         shutil.rmtree(job.out_dir)  # another config's checkpoints must never be resumed
-    for marker in (DONE_FILE, FAILED_FILE):
+    for marker in (DONE_FILE, FAILED_FILE, deadlines.STOPPED_FILE):
         (job.out_dir / marker).unlink(missing_ok=True)
     write_json(job_file, {"kind": job.kind, "module": spec.module, "label": job.label, "key": key,
                           "config": job.config.to_dict()})

@@ -19,7 +19,9 @@ Files of a job folder:
 * ``final.pt``: the final weights of the trained model;
 * ``history.json`` / ``history.csv`` (and TensorBoard events when it is installed).
 * ``progress.json``: the step, the statistics and the time left, for the command's progress display
-  (:mod:`fmnist_core.core.progress`).
+  (:mod:`fmnist_core.core.progress`);
+* ``stopped.json``: only when a deadline (:mod:`fmnist_core.core.deadline`) stopped the run early, at a history
+  record (then also an evaluation and a checkpoint): its steps done and planned; ``last.pt`` is kept then.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from fmnist_core.core import deadline as deadlines
 from fmnist_core.core.data import make_generator
 from fmnist_core.core.errors import FmnistBookError, RunError
 from fmnist_core.core.io import load_checkpoint, save_checkpoint, write_bytes_atomic, write_json
@@ -281,8 +284,10 @@ def train(algo: Algorithm, plan: Plan, optim: OptimizerConfig, schedule: str, se
         The history records: ``step``, ``epoch`` (with ``steps_per_epoch``), ``lr`` (of the record's last
         step), :meth:`Algorithm.summarize`'s fields, evaluation fields where evaluated, ``seconds``.
     """
+    limit = deadlines.deadline()  # FMNIST_DEADLINE: stop at the first record after it
     run = _start(algo, plan, optim, schedule, seed, Checkpointer(Path(out_dir), config), log)
     run.progress = ProgressFile(out_dir, plan.steps, run.step, plan.steps_per_epoch)  # progress.json
+    done = run.step
     for step in range(run.step, plan.steps):
         lr = run.optimizer.param_groups[0]["lr"]
         loss, stats = algo.train_step(step, run.generator)
@@ -292,8 +297,10 @@ def train(algo: Algorithm, plan: Plan, optim: OptimizerConfig, schedule: str, se
         run.scheduler.step()
         algo.after_step(step)
         run.window.add({"loss": loss.detach(), **stats})
-        _at_boundary(run, algo, plan, step + 1, lr, name, log)
-    _finish(run.ckpt, algo, plan, run.history.records)
+        done = step + 1
+        if _at_boundary(run, algo, plan, done, lr, name, log, limit):
+            break
+    _finish(run.ckpt, algo, plan, run.history.records, done)
     return run.history.records
 
 
@@ -322,11 +329,14 @@ def _start(algo, plan, optim, schedule, seed, ckpt, log) -> _Run:
     return _resume(run, algo, log)
 
 
-def _at_boundary(run: _Run, algo, plan: Plan, done: int, lr: float, name: str, log) -> None:
-    """After ``done`` steps: the NaN check, history record, evaluation and checkpoint that are due."""
+def _at_boundary(run: _Run, algo, plan: Plan, done: int, lr: float, name: str, log, limit=None) -> bool:
+    """After ``done`` steps: the NaN check, history record, evaluation and checkpoint that are due. Returns
+    whether the run stops here: a record after the deadline ``limit`` (then also an evaluation and a checkpoint)."""
     record_now, evaluate_now, checkpoint_now = plan.boundary(done)
+    stop = record_now and done < plan.steps and limit is not None and time.time() >= limit
+    evaluate_now, checkpoint_now = evaluate_now or stop, checkpoint_now or stop
     if not (record_now or checkpoint_now):
-        return
+        return False
     sums = run.window.read()
     _check_finite(sums, name, run.window.first_step, done, plan)
     if record_now:
@@ -349,6 +359,9 @@ def _at_boundary(run: _Run, algo, plan: Plan, done: int, lr: float, name: str, l
                            history=run.history.records,
                            rng={"data": run.generator.get_state(), "torch": torch.get_rng_state()},
                            window=run.window.state(), algorithm=algo.state_dict())
+    if stop:
+        log(f"{name}: stopped at the deadline after step {done} of {plan.steps} (resumable from last.pt)")
+    return stop
 
 
 def _select(selection, record, best, ckpt, algo, done, plan):
@@ -358,15 +371,22 @@ def _select(selection, record, best, ckpt, algo, done, plan):
     return record[selection.key]
 
 
-def _finish(ckpt: Checkpointer, algo: Algorithm, plan: Plan, records: list[dict]) -> None:
-    """``final.pt`` (and ``best.pt`` without a selection), then drop the resume state."""
+def _finish(ckpt: Checkpointer, algo: Algorithm, plan: Plan, records: list[dict], done: int | None = None) -> None:
+    """``final.pt`` (and ``best.pt`` without a selection) of step ``done``, then drop the resume state; a run
+    stopped at a deadline (``done`` < ``plan.steps``) keeps it and writes ``stopped.json`` instead."""
+    done = plan.steps if done is None else done
     final = records[-1] if records else {}
     if plan.selection is None:
-        ckpt.save_weights("best.pt", algo.evaluated_model().state_dict(), plan.steps, plan.epoch(plan.steps), final)
-    if ckpt.saved.get("best.pt") == plan.steps and algo.evaluated_model() is algo.model:
+        ckpt.save_weights("best.pt", algo.evaluated_model().state_dict(), done, plan.epoch(done), final)
+    if ckpt.saved.get("best.pt") == done and algo.evaluated_model() is algo.model:
         ckpt.link("best.pt", "final.pt")  # the last step was selected: the final weights are the same
     else:
-        ckpt.save_weights("final.pt", algo.model.state_dict(), plan.steps, plan.epoch(plan.steps), final)
+        ckpt.save_weights("final.pt", algo.model.state_dict(), done, plan.epoch(done), final)
+    if done < plan.steps:
+        write_json(ckpt.out_dir / deadlines.STOPPED_FILE, {"steps_done": done, "steps_planned": plan.steps,
+                                                           "stopped_at": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        return
+    (ckpt.out_dir / deadlines.STOPPED_FILE).unlink(missing_ok=True)
     ckpt.finish()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from fmnist_core.core import deadline as deadlines
 from fmnist_core.core.config import load_yaml, unknown_name_message
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.pipeline.experiments import EXPERIMENTS, get_experiment
@@ -183,8 +184,19 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
 
 
 def _up_to_date(final: Path, key: str) -> bool:
-    """Whether the finished run at ``final`` is of ``key`` and has no failure recorded since."""
-    return finished_key(final) == key and not failure_path(final).exists()
+    """Whether the finished run at ``final`` is of ``key`` and has no failure recorded since (a run with jobs
+    stopped at a deadline no longer in force is not: it re-runs, resuming them)."""
+    return (finished_key(final) == key and not failure_path(final).exists()
+            and not (stopped_early(final) and not deadlines.stopped_job_is_final()))
+
+
+def stopped_early(run_dir: Path) -> dict:
+    """The jobs of a finished run that a deadline stopped short of their budget (``env.json``'s
+    ``stopped_early``: job folder -> steps done and planned); empty when none did."""
+    try:
+        return read_json(Path(run_dir) / "env.json").get("stopped_early") or {}
+    except FmnistBookError:
+        return {}
 
 
 def _missing_requirements(experiment: str, profile: str, results_dir: Path) -> list[str]:
@@ -237,7 +249,9 @@ def _execute(experiment, profile, params, parts, final, overrides, data_dir, for
     except Exception as err:  # a failed chapter is reported, the others still run
         return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started)
     seconds = time.perf_counter() - started
-    write_json(partial / "env.json", environment_record(experiment, profile, params, parts, seconds, overrides))
+    env = environment_record(experiment, profile, params, parts, seconds, overrides)
+    stopped = deadlines.stopped_jobs(partial)  # jobs a deadline stopped short of their budget
+    write_json(partial / "env.json", {**env, **({"stopped_early": stopped} if stopped else {})})
     _swap_into_place(partial, final)
     log(f"{experiment} [{profile}]: done in {seconds:.0f} s -> {final}")
     return RunResult(experiment, "done", final, seconds)
@@ -401,6 +415,9 @@ def run_states(profile: str, results_dir: Path = DEFAULT_RESULTS) -> list[tuple[
             states[experiment] = f"out of date: {changed}"
         elif stale_upstream:
             states[experiment] = f"out of date: re-runs after {', '.join(stale_upstream)}"
+        elif stopped_early(final):
+            states[experiment] = (f"{deadlines.stopped_note(stopped_early(final))}; the next run resumes them"
+                                  if not deadlines.stopped_job_is_final() else "up to date (stopped at its deadline)")
         else:
             states[experiment] = "up to date"
     return list(states.items())

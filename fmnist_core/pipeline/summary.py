@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmnist_core.chapters.classification import REFERENCE_DIR
+from fmnist_core.core.deadline import stopped_note
 from fmnist_core.core.io import read_json
 from fmnist_core.core.resources import project_root
 from fmnist_core.pipeline.experiments import EXPERIMENTS
@@ -173,7 +174,12 @@ def _recorded(experiment: str, root: Path) -> list | None:
         lines = HEADLINES[experiment](metrics, env["params"])
     except (KeyError, IndexError, TypeError):
         return [f"recorded, but in a results format this book no longer reads {origin}"]
-    return lines + [origin]
+    return lines + _stopped(env) + [origin]
+
+
+def _stopped(env: dict) -> list[str]:
+    """A line naming the jobs a deadline stopped short of their budget (``env.json``'s ``stopped_early``)."""
+    return [stopped_note(env["stopped_early"])] if env.get("stopped_early") else []
 
 
 def glance_rows(profile: str, results_dir, root=None, references=None) -> list[GlanceRow]:
@@ -199,8 +205,8 @@ def glance_rows(profile: str, results_dir, root=None, references=None) -> list[G
     rows = []
     for name, experiment in EXPERIMENTS.items():
         run = _read_run(Path(results_dir) / profile / name)
-        this_build, budget = (None, "") if run is None else (HEADLINES[name](run[0], run[1]["params"]),
-                                                             _budget(name, run[1]["params"]))
+        this_build, budget = (None, "") if run is None else (
+            HEADLINES[name](run[0], run[1]["params"]) + _stopped(run[1]), _budget(name, run[1]["params"]))
         rows.append(GlanceRow(name, experiment.title, this_build, budget, _recorded(name, root),
                               [refs.figure(*keys) for keys in QUOTED[name]["source"]],
                               [refs.literature_figure(*keys) for keys in QUOTED[name]["literature"]]))

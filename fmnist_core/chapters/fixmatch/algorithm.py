@@ -529,7 +529,8 @@ def run_fixmatch(cfg: FixMatchConfig, out_dir, log=print) -> dict:
     out_dir = Path(out_dir)
     _, history = train_fixmatch(cfg, job_dataset(cfg.dataset, resolve_device(cfg.device)), out_dir, log)
     seconds = sum(r["seconds"] for r in history)
-    write_json(out_dir / "timings.json", {"train_s": seconds, "steps_per_s": cfg.steps / seconds if seconds else None})
+    done = history[-1]["step"]  # cfg.steps, unless a deadline stopped the run (fmnist_core.core.deadline)
+    write_json(out_dir / "timings.json", {"train_s": seconds, "steps_per_s": done / seconds if seconds else None})
     final = history[-1]
     median, evaluations = median_of_last(history, cfg.median_last)
     median_val, _ = median_of_last(history, cfg.median_last, "ema_val_accuracy")
