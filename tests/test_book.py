@@ -7,6 +7,7 @@ import pytest
 
 from fmnist_core.pipeline.book import chapter_pages
 from fmnist_core.pipeline.experiments import EXPERIMENTS
+from fmnist_core.pipeline.offline import MATHJAX_ENTRY, external_sources
 
 from conftest import CLI, visible_text
 
@@ -72,3 +73,35 @@ def test_a_second_build_uses_the_cache(smoke_book):
     rerun = subprocess.run(CLI + ["--results-dir", str(results.parent), "run", "dataset", "--profile", "smoke"],
                            capture_output=True, text=True, check=True).stdout
     assert "up to date" in rerun
+
+
+@pytest.mark.slow
+def test_no_page_of_the_book_loads_anything_from_the_internet(smoke_book):
+    _, html, _ = smoke_book
+    pages = sorted(html.rglob("*.html"))
+    assert len(pages) >= len(chapter_pages())
+    outside = {str(p.relative_to(html)): external_sources(p.read_text()) for p in pages}
+    assert not {page: urls for page, urls in outside.items() if urls}
+    assert (html / "_static" / MATHJAX_ENTRY).stat().st_size > 100_000  # MathJax is served by the book itself
+    for page in pages:
+        text = page.read_text()
+        assert "thebe" not in text.lower(), page
+        for src in re.findall(r'<script[^>]+src="([^"]*mathjax[^"]*)"', text, re.IGNORECASE):
+            assert src.endswith("_static/" + MATHJAX_ENTRY), (page, src)
+    assert "_static/" + MATHJAX_ENTRY in page_text(html, "dataset")  # BokehJS's TeX support, pointed at it
+
+
+def test_external_sources_finds_every_kind_of_loaded_url_and_ignores_plain_links():
+    page = """<html><head>
+    <script src="https://cdn.example.org/lib.js"></script><script src="_static/local.js"></script>
+    <link rel="stylesheet" href="http://fonts.example.org/css"><link rel="preload" as="font" href="//f.example/x.woff2">
+    <link rel="canonical" href="https://example.org/page.html"><link rel="stylesheet" href="_static/book.css">
+    <style>@import "https://cdn.example.org/a.css"; body { background: url('https://img.example/b.png') }</style>
+    </head><body><img src="HTTPS://img.example/c.png"><img src="figures/d.png" srcset="x.png 1x, https://i.example/e.png 2x">
+    <a href="https://example.org/">a link the reader may follow</a><div style="background:url(https://i.example/f.png)"></div>
+    <script>const LIB = "https://cdn.example.org/x/lib.min.js"; const NS = "http://www.w3.org/2000/svg";</script>
+    </body></html>"""
+    assert external_sources(page) == [
+        "https://cdn.example.org/lib.js", "http://fonts.example.org/css", "//f.example/x.woff2",
+        "https://img.example/b.png", "https://cdn.example.org/a.css", "HTTPS://img.example/c.png",
+        "https://i.example/e.png", "https://i.example/f.png", "https://cdn.example.org/x/lib.min.js"]
