@@ -7,6 +7,7 @@ import pytest
 
 from fmnist_core.pipeline.book import chapter_pages
 from fmnist_core.pipeline.experiments import EXPERIMENTS
+from fmnist_core.pipeline.offline import MATHJAX_ENTRY, external_sources
 
 from conftest import CLI, visible_text
 
@@ -72,3 +73,77 @@ def test_a_second_build_uses_the_cache(smoke_book):
     rerun = subprocess.run(CLI + ["--results-dir", str(results.parent), "run", "dataset", "--profile", "smoke"],
                            capture_output=True, text=True, check=True).stdout
     assert "up to date" in rerun
+
+
+@pytest.mark.slow
+def test_no_page_of_the_book_loads_anything_from_the_internet(smoke_book):
+    _, html, _ = smoke_book
+    pages = sorted(html.rglob("*.html"))
+    assert len(pages) >= len(chapter_pages())
+    outside = {str(p.relative_to(html)): external_sources(p.read_text()) for p in pages}
+    assert not {page: urls for page, urls in outside.items() if urls}
+    assert (html / "_static" / MATHJAX_ENTRY).stat().st_size > 100_000  # MathJax is served by the book itself
+    for page in pages:
+        text = page.read_text()
+        for src in re.findall(r'<script[^>]+src="([^"]*mathjax[^"]*)"', text, re.IGNORECASE):
+            assert src.endswith("_static/" + MATHJAX_ENTRY), (page, src)
+    assert "_static/" + MATHJAX_ENTRY in page_text(html, "dataset")  # BokehJS's TeX support, pointed at it
+
+
+def test_external_sources_finds_every_kind_of_loaded_url_and_ignores_plain_links():
+    page = """<html><head>
+    <script src="https://cdn.example.org/lib.js"></script><script src="_static/local.js"></script>
+    <link rel="stylesheet" href="http://fonts.example.org/css"><link rel="preload" as="font" href="//f.example/x.woff2">
+    <link rel="canonical" href="https://example.org/page.html"><link rel="stylesheet" href="_static/book.css">
+    <style>@import "https://cdn.example.org/a.css"; body { background: url('https://img.example/b.png') }</style>
+    </head><body><img src="HTTPS://img.example/c.png"><img src="figures/d.png" srcset="x.png 1x, https://i.example/e.png 2x">
+    <a href="https://example.org/">a link the reader may follow</a><div style="background:url(https://i.example/f.png)"></div>
+    <script>const LIB = "https://cdn.example.org/x/lib.min.js"; const NS = "http://www.w3.org/2000/svg";</script>
+    </body></html>"""
+    assert external_sources(page) == [
+        "https://cdn.example.org/lib.js", "http://fonts.example.org/css", "//f.example/x.woff2",
+        "https://img.example/b.png", "https://cdn.example.org/a.css", "HTTPS://img.example/c.png",
+        "https://i.example/e.png", "https://i.example/f.png", "https://cdn.example.org/x/lib.min.js"]
+
+
+@pytest.mark.slow
+def test_models_at_chance_are_called_so_on_their_pages(smoke_book):
+    """The smoke budgets leave models at chance: the pages say so in words, with what would change that."""
+    _, html, _ = smoke_book
+    for page, remedy in (("classification", "-p epochs N -p train_images N"), ("fixmatch", "-p steps N"),
+                         ("semisupervised", "-p label_counts [...]")):
+        text = visible_text(page_text(html, page))
+        assert "Not learned at this budget." in text, page
+        assert "not learned to classify at this budget" in text and remedy in text, page
+    fixmatch = visible_text(page_text(html, "fixmatch"))
+    assert "from one seed, whose noise this build does not measure" in fixmatch  # the smoke profile's one seed
+    assert "up to 3 pixels (10.7 % of the 28-pixel side)" in fixmatch and "up to 12.5" not in fixmatch
+    assert "which is why" not in fixmatch
+    semisup = visible_text(page_text(html, "semisupervised"))
+    assert re.search(r"The Semi-SupVAE.s loss\. Its objective in the last epoch of semisup_vae_n100_s0 .*"
+                     r"(dominates it|no single term makes up half of it)\.", semisup)
+    assert "0.100000" not in semisup and "10.000000" not in semisup
+
+
+@pytest.mark.slow
+def test_every_chapter_page_links_its_metrics_notebook_and_histories(smoke_book):
+    results, html, _ = smoke_book
+    for experiment in EXPERIMENTS:
+        text = page_text(html, experiment)
+        links = dict((Path(href).name, href) for href in re.findall(r'href="(_downloads/[^"]+)"', text))
+        assert "metrics.json" in links and f"{experiment}.ipynb" in links, experiment
+        assert (html / links["metrics.json"]).read_bytes() == (results / experiment / "metrics.json").read_bytes()
+        for csv in results.glob(f"{experiment}/*/*/history.csv"):
+            assert (html / links[f"{csv.parent.name}.csv"]).read_bytes() == csv.read_bytes(), csv
+
+
+@pytest.mark.slow
+def test_the_chapters_citations_resolve_to_the_bibliography_page(smoke_book):
+    _, html, _ = smoke_book
+    bibliography = visible_text(page_text(html, "bibliography"))
+    assert "fixmatch: simplifying semi-supervised learning" in bibliography.lower() and "Kingma" in bibliography
+    for page, author in (("dataset", "Xiao et al., 2017"), ("fixmatch", "Sohn et al., 2020"),
+                         ("semisupervised", "Kingma et al. [2014]")):
+        text = page_text(html, page)
+        assert re.search(r'href="bibliography\.html#id\d+"', text), page  # a resolved citation links there
+        assert author in visible_text(text) and "{cite" not in visible_text(text), page

@@ -68,9 +68,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def kernels_of(process: subprocess.Popen) -> list[int]:
+    """The ipykernel processes the command started (none before papermill has launched one)."""
+    found = []
+    for pid in children(process.pid):
+        try:
+            if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:  # it ended meanwhile
+            continue
+    return found
+
+
 def kernel_of(process: subprocess.Popen) -> int:
-    kernels = [pid for pid in children(process.pid)
-               if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    kernels = kernels_of(process)
     assert len(kernels) == 1, kernels
     return kernels[0]
 
@@ -143,7 +154,45 @@ def test_killing_the_kernel_mid_training_then_rerunning_resumes_to_the_same_metr
     assert not runner.failure_path(final).exists()
 
 
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def test_killing_the_command_mid_training_then_rerunning_resumes_to_the_same_metrics(tmp_path, reference_metrics):
+    """The command is SIGKILLed mid-training and its kernel does not finish the job behind its back.
+
+    The kernel is frozen (SIGSTOP) the moment the first checkpoint exists, before the command is killed, so
+    the job cannot end in between however fast the machine; the frozen orphan is then killed, as it would
+    stop itself (that it does is :func:`test_the_kernel_of_a_killed_command_stops_by_itself`).
+    """
+    results = tmp_path / "results"
+    final = results / "smoke" / "classification"
+    last = final.with_name("classification.partial") / "models" / "lenet_avg" / "last.pt"
+    command = start_classification(results)
+    wait_until(lambda: kernels_of(command), "the kernel started", process=command)
+    kernel = kernel_of(command)
+    wait_until(last.exists, "the first checkpoint", process=command)
+    os.kill(kernel, signal.SIGSTOP)
+    try:
+        command.send_signal(signal.SIGKILL)
+        command.wait()  # not communicate(): the frozen kernel holds the command's output pipes open
+        assert parent_of(kernel) != command.pid  # the kernel is an orphan now
+        assert 1 <= len(load_checkpoint(last)["history"]) < 4  # frozen after an epoch's checkpoint, before the end
+    finally:
+        os.kill(kernel, signal.SIGKILL)
+        command.stdout.close()
+        command.stderr.close()
+    wait_until(lambda: not alive(kernel), "the frozen kernel to be killed", timeout=60)
+    assert not final.exists()
+    states = dict(runner.run_states("smoke", results))
+    assert states["classification"].startswith("not run (an interrupted run waits to be resumed)")
+
+    assert_rerun_resumes_to(results, final, reference_metrics)
+
+
+def test_the_kernel_of_a_killed_command_stops_by_itself(tmp_path, reference_metrics):
+    """An orphaned kernel notices that its command is gone and exits (it may finish the job first: the
+    re-run then reaches the same metrics whether it resumes or only collects the finished job)."""
     results = tmp_path / "results"
     command, final, _ = start_and_wait_for_the_first_checkpoint(results)
     kernel = kernel_of(command)
@@ -151,10 +200,9 @@ def test_killing_the_command_mid_training_then_rerunning_resumes_to_the_same_met
     command.communicate()
     wait_until(lambda: not alive(kernel), "the orphaned kernel to notice and exit", timeout=60)
     assert not final.exists()
-    states = dict(runner.run_states("smoke", results))
-    assert states["classification"].startswith("not run (an interrupted run waits to be resumed)")
-
-    assert_rerun_resumes_to(results, final, reference_metrics)
+    code, _, err = finish(start_classification(results))
+    assert code == 0, err
+    assert (final / "metrics.json").read_bytes() == reference_metrics
 
 
 WRITER = """

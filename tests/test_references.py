@@ -146,3 +146,17 @@ def test_chapters_type_no_source_report_figures_in_their_prose():
             if cell["cell_type"] == "markdown":
                 text = "".join(cell["source"])
                 assert not [v for v in quoted if v in text], (path.name, text[:80])
+
+
+def test_the_bibliography_is_generated_from_the_literature_entries_and_checked(tmp_path):
+    from pybtex.database import parse_string
+    entries = parse_string(refs.bibtex(), "bibtex").entries
+    assert set(entries) == {e["key"] for e in load_references().literature}
+    assert str(entries["sohn2020_fixmatch"].persons["author"][0]) == "Sohn, Kihyuk"
+    text = ((PROJECT_ROOT / "references.yml").read_text(encoding="utf-8")
+            .replace("@inproceedings{kingma2014_m2,", "@inproceedings{kingma2014,"))
+    bad = tmp_path / "references.yml"
+    bad.write_text(text, encoding="utf-8")
+    with pytest.raises(ReferencesError, match=r"literature\[kingma2014_m2\]\.bibtex: must hold one BibTeX entry "
+                                              r"keyed 'kingma2014_m2', found kingma2014"):
+        load_references(bad)

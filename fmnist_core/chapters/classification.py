@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmnist_core.core import metrics
+from fmnist_core.core import metrics, wording
 from fmnist_core.core.config import Config, param, require, require_choice
 from fmnist_core.core.data import ImageDataset, Splits, job_dataset, make_splits, save_indices, subset, tta_augment
 from fmnist_core.core.errors import ConfigError
@@ -192,3 +192,26 @@ def recorded_accuracy(profile: str, model: str, root=None) -> dict | None:
         return None
     return {"accuracy": models[model]["accuracy"], "device": env.get("device"), "date": env.get("finished_at"),
             "commit": env.get("git_commit")}
+
+
+def chance_note(summaries: dict, models: list[str], num_classes: int, profile: str) -> str:
+    """The page's paragraph on the ``models`` that have not learned at this budget (``""`` when none).
+
+    Parameters
+    ----------
+    summaries : dict
+        Per model, its test summary (``accuracy``, ``log_loss``: test cross-entropy).
+    models : list of str
+        The models the page ranks.
+    num_classes : int
+        Number of classes.
+    profile : str
+        The profile, for the command that gives the models more budget.
+
+    Returns
+    -------
+    str
+        Markdown (:func:`fmnist_core.core.wording.chance_note`).
+    """
+    runs = [wording.RunScore(m, summaries[m]["accuracy"], summaries[m].get("log_loss")) for m in models]
+    return wording.chance_note(runs, num_classes, wording.remedy("classification", profile))

@@ -14,6 +14,10 @@ import numpy as np
 
 # Bokeh's core library only (no widgets, tables, GL or MathJax bundles): about 1.3 MB of JavaScript per page.
 BOKEH_COMPONENTS = ["bokeh"]
+# BokehJS fetches MathJax from a CDN when a figure has TeX labels (these maps have none); the book serves its own
+# copy at this path beside its top-level pages (fmnist_core.pipeline.offline), so the page names no outside host.
+BOKEH_MATHJAX_CDN = "https://cdn.jsdelivr.net/npm/mathjax@3/es5/tex-svg.js"
+LOCAL_MATHJAX = "_static/mathjax/tex-svg.js"
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
 THUMBNAIL_TOOLTIP = """
@@ -163,6 +167,7 @@ def _standalone(panels: list, caption: str) -> str:
     from bokeh.resources import Resources
     layout = panels[0] if len(panels) == 1 else Tabs(tabs=[TabPanel(child=p, title=p.title.text) for p in panels])
     script, div = components(layout)
-    bokeh_js = Resources(mode="inline", components=BOKEH_COMPONENTS).render_js()
+    bokeh_js = Resources(mode="inline", components=BOKEH_COMPONENTS).render_js().replace(BOKEH_MATHJAX_CDN,
+                                                                                         LOCAL_MATHJAX)
     return (f'<div class="fmnist-interactive">\n<p class="fmnist-interactive-caption">{html.escape(caption)}</p>\n'
             f'{bokeh_js}\n{div}\n{script}\n</div>')

@@ -22,6 +22,7 @@ from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 BOOK_DIR = project_file("book")
 CONFIG_PATH = project_file("_config.yml")
 TOC_PATH = project_file("_toc.yml")
+BIBFILE = "references.bib"  # ``bibtex_bibfiles`` of _config.yml
 
 
 def chapter_pages() -> list[str]:
@@ -36,6 +37,8 @@ def assemble(profile: str, results_dir: Path, source: Path) -> list[str]:
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
     shutil.copytree(BOOK_DIR / "_static", source / "_static")  # the book's CSS (jupyter-book adds every .css)
+    from fmnist_core.pipeline.references import bibtex
+    write_bytes_atomic(source / BIBFILE, bibtex().encode())  # the bibliography page's, from references.yml
     missing = []
     for page in chapter_pages():
         if page in EXPERIMENTS:
@@ -51,7 +54,8 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
     run_dir = results_dir / profile / name
     failure = failure_path(run_dir)
     if finished_key(run_dir) and not failure.exists():
-        write_bytes_atomic(source / f"{name}.ipynb", _remove_parameters(run_dir / f"{name}.ipynb").encode())
+        page = _remove_parameters(run_dir / f"{name}.ipynb", downloads_markdown(name, run_dir, source))
+        write_bytes_atomic(source / f"{name}.ipynb", page.encode())
         return True
     if failure.exists():
         info = read_json(failure)
@@ -68,8 +72,37 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
 READER_HIDDEN = ("parameters", "injected-parameters")
 
 
-def _remove_parameters(notebook: Path) -> str:
-    """The executed notebook without its parameters cells on the page (papermill's defaults and injected values).
+DOWNLOADS = "downloads"  # under the book's source; Sphinx's {download} role copies each file into the HTML
+
+
+def downloads_markdown(name: str, run_dir: Path, source: Path) -> str:
+    """Copy what a reader may take away from a finished run into ``source/downloads/<name>/`` and return the
+    chapter's "Downloads" section linking it: ``metrics.json``, the executed notebook and, per job, its
+    training history as CSV (``<job>.csv``)."""
+    target = source / DOWNLOADS / name
+    target.mkdir(parents=True, exist_ok=True)
+    histories = []
+    for csv in sorted(run_dir.glob("*/*/history.csv")):  # models/<job>/ or runs/<job>/
+        shutil.copyfile(csv, target / f"{csv.parent.name}.csv")
+        histories.append(csv.parent.name)
+    for file in ("metrics.json", f"{name}.ipynb"):
+        shutil.copyfile(run_dir / file, target / file)
+
+    def link(file: str) -> str:
+        return f"{{download}}`{file} <{DOWNLOADS}/{name}/{file}>`"
+
+    lines = ["## Downloads", "",
+             f"The numbers of this page, to take away: {link('metrics.json')} (everything the run measured; "
+             f"the tables and sentences above are read from it) and the executed notebook {link(name + '.ipynb')}."]
+    if histories:
+        lines += ["", "Training histories, one CSV per job (one row per epoch or logged step): "
+                  + ", ".join(link(f"{job}.csv") for job in histories) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _remove_parameters(notebook: Path, appendix: str = "") -> str:
+    """The executed notebook without its parameters cells on the page (papermill's defaults and injected values),
+    with the Markdown ``appendix`` (the chapter's downloads) as its last cell.
 
     A reader never needs them: the appendix "Reproducibility" lists every run's parameters. The cells stay in
     the notebook (tagged ``remove-cell``), so papermill still finds its ``parameters`` tag.
@@ -81,6 +114,9 @@ def _remove_parameters(notebook: Path) -> str:
             tags[:] = [t for t in tags if t not in ("hide-cell", "hide-input")]
             if "remove-cell" not in tags:
                 tags.append("remove-cell")
+    if appendix:
+        nb["cells"].append({"cell_type": "markdown", "id": "book-downloads", "metadata": {},
+                            "source": appendix.splitlines(keepends=True)})
     return json.dumps(nb)
 
 
@@ -92,8 +128,17 @@ def _fill(text: str, profile: str, results_dir: Path) -> str:
     table = appendix_table(profile, results_dir) if "{{appendix}}" in text else ""
     sources = render_sources() if "{{sources}}" in text else ""
     glance = render_glance(profile, results_dir) if "{{glance}}" in text else ""
+    if "{{fixmatch_labels}}" in text:
+        text = text.replace("{{fixmatch_labels}}", label_counts("fixmatch", profile))
     return (text.replace("{{profile}}", profile).replace("{{profile_description}}", description)
             .replace("{{appendix}}", table).replace("{{sources}}", sources).replace("{{glance}}", glance))
+
+
+def label_counts(experiment: str, profile: str) -> str:
+    """The label counts ``experiment`` runs in ``profile``, in words ("40, 250 and 4,000"; 0 = "all")."""
+    from fmnist_core.pipeline.runner import resolve_params
+    counts = [f"{n:,}" if n else "all" for n in resolve_params(experiment, profile)["label_counts"]]
+    return counts[0] if len(counts) == 1 else f"{', '.join(counts[:-1])} and {counts[-1]}"
 
 
 NUMERICS = {

@@ -28,7 +28,7 @@ REFERENCES_PATH = project_file("references.yml")
 SECTIONS = ("source_reports", "literature")
 REPORT_FIELDS = {"key": True, "name": True, "document": True, "built": True, "architecture": True,
                  "selection": True, "this_book": False, "figures": True}
-LITERATURE_FIELDS = {"key": True, "short": True, "citation": True, "note": False, "figures": True}
+LITERATURE_FIELDS = {"key": True, "short": True, "citation": True, "note": False, "bibtex": False, "figures": True}
 FIGURE_FIELDS = {"key": True, "description": True, "value": True, "unit": True, "where": True, "std": False,
                  "note": False}
 TEXT_FIELDS = ("built", "architecture", "selection")
@@ -233,6 +233,9 @@ def _check(data, path: Path) -> References:
                   for i, e in enumerate(data["literature"])]
     for section, entries in (("source_reports", reports), ("literature", literature)):
         _no_duplicates(entries, section, fail)
+    for entry in literature:
+        if "bibtex" in entry:
+            _check_bibtex(entry["bibtex"], entry["key"], f"literature[{entry['key']}].bibtex", fail)
     figures = {("fig", r["key"]): {f["key"] for f in r["figures"]} for r in reports}
     figures.update({("lit", e["key"]): {f["key"] for f in e["figures"]} for e in literature})
     for report in reports:
@@ -249,6 +252,39 @@ def _check(data, path: Path) -> References:
                 if fig.get("note"):
                     _check_inline(fig["note"], f"{section}[{entry['key']}].figures[{fig['key']}].note", figures, fail)
     return References(path=path, reports=reports, literature=literature)
+
+
+def _check_bibtex(text: str, key: str, where: str, fail) -> None:
+    """One BibTeX entry, keyed like its ``references.yml`` entry, with an author, a title and a year."""
+    from pybtex.database import parse_string
+    from pybtex.scanner import PybtexError
+    try:
+        entries = parse_string(text, "bibtex").entries
+    except PybtexError as err:
+        fail(where, f"not valid BibTeX ({one_line(err)})")
+    if list(entries) != [key]:
+        fail(where, f"must hold one BibTeX entry keyed '{key}', found {', '.join(entries) or 'none'}")
+    missing = [f for f in ("title", "year") if f not in entries[key].fields]
+    if missing or "author" not in entries[key].persons:
+        fail(where, f"the BibTeX entry lacks {', '.join(missing + (['author'] if 'author' not in entries[key].persons else []))}")
+
+
+def bibtex(path=None) -> str:
+    """The book's bibliography as a ``.bib`` text: the ``bibtex`` of every literature entry of ``references.yml``
+    (the one source; ``fmnist-book build`` writes it as ``references.bib`` beside the pages).
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        Another references file (tests).
+
+    Returns
+    -------
+    str
+    """
+    refs = load_references(path)
+    header = "% Generated from references.yml by fmnist-book; edit that file, not this one.\n\n"
+    return header + "\n\n".join(e["bibtex"].strip() for e in refs.literature if "bibtex" in e) + "\n"
 
 
 def _check_entry(entry, where: str, fields: dict, fail) -> dict:

@@ -69,6 +69,8 @@ def use_last_book(app, config) -> None:
         raise SystemExit(2) from None
     app.srcdir = type(app.srcdir)(source)  # Sphinx lists the documents of app.srcdir after this event
     config.external_toc_path = str(toc)
+    if "bibtex_bibfiles" in config:  # the bibliography written beside the assembled pages (references.bib)
+        config.bibtex_bibfiles = [str(source / name) for name in config.bibtex_bibfiles]
 
 
 def setup(app) -> dict:

@@ -1,7 +1,8 @@
 """FixMatch (Sohn et al. 2020): semi-supervised training from a few labels, on device-resident tensors.
 
 Each step takes ``B`` labeled images (weak augmentation) and ``mu * B`` unlabeled images, each seen twice:
-weakly augmented (flip and a translation of up to 12.5 %, reflect-padded as in the authors' code or
+weakly augmented (flip and a translation of up to ``int(0.125 * side)`` pixels per axis, :func:`weak_pad`:
+3 of 28 = 10.7 % on Fashion-MNIST, 4 of 32 = 12.5 % on CIFAR-10; reflect-padded as in the authors' code or
 zero-padded: ``weak_padding``) and strongly augmented (the weak augmentation, then RandAugment and Cutout,
 :mod:`fmnist_core.core.randaugment`, in the authors' variant or USB/TorchSSL's: ``randaugment``, ``cutout``).
 The three groups go through the network in one concatenated forward pass, so batch-norm statistics see
@@ -264,8 +265,15 @@ def standardize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
 
 
 def weak_pad(image_size: int) -> int:
-    """Translation of up to 12.5 % of the side as pad-and-crop: 3 pixels at 28, 4 at 32."""
+    """The weak translation's largest shift per axis, in pixels: 12.5 % of the side rounded down, as in the
+    authors' code (pad-and-crop): 3 pixels at 28 (10.7 % of the side), 4 at 32 (12.5 %)."""
     return int(0.125 * image_size)
+
+
+def weak_translation(image_size: int) -> str:
+    """The weak translation in words, e.g. ``"3 pixels (10.7 % of the 28-pixel side)"`` (:func:`weak_pad`)."""
+    pad = weak_pad(image_size)
+    return f"{pad} pixels ({pad / image_size:.1%} of the {image_size}-pixel side)".replace("%", " %")
 
 
 class FixMatchBatches:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fmnist_core.core import metrics
+import numpy as np
+
+from fmnist_core.core import metrics, wording
 from fmnist_core.core.config import TUNING_SEEDS, load_yaml, param, require
 from fmnist_core.core.data import TRAIN_IMAGES, ImageDataset, job_dataset
 from fmnist_core.core.errors import FmnistBookError
@@ -14,7 +16,7 @@ from fmnist_core.core.jobs import Job, run_jobs
 from fmnist_core.core.loop import load_trained
 from fmnist_core.core.models import rebuild
 from fmnist_core.core.train import resolve_device
-from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, FixMatchTraining, eval_split
+from fmnist_core.chapters.fixmatch.algorithm import FixMatchConfig, FixMatchTraining, eval_split, weak_translation
 
 
 PROFILES = PROJECT_ROOT / "profiles.yml"
@@ -193,3 +195,27 @@ def semisup_results(results_dir, label_counts) -> list[dict]:
     return [{"model": f"{r['model']} (semi-supervised chapter)", "num_labels": r["num_labels"],
              "test_accuracy": r["test_accuracy"], "test_accuracy_std": r["test_accuracy_std"], "seeds": r["seeds"]}
             for r in summary if r["num_labels"] in label_counts]
+
+
+def paired_gain(rows: list[dict], num_labels: int, method: str = "fixmatch",
+                baseline: str = "supervised-only") -> tuple[float, float | None, int]:
+    """``method`` minus ``baseline`` in test accuracy at ``num_labels``, over the seeds both ran (the same
+    labeled subsets): (mean difference, its sample standard deviation or ``None`` for one seed, seeds)."""
+    by = {(r["method"], r["seed"]): r["test_accuracy"] for r in rows if r["num_labels"] == num_labels}
+    diffs = [by[(method, s)] - by[(baseline, s)] for (m, s) in by if m == method and (baseline, s) in by]
+    if not diffs:
+        raise FmnistBookError(f"no seed has both {method} and {baseline} at {num_labels} labels")
+    std = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
+    return float(np.mean(diffs)), std, len(diffs)
+
+
+def gain_words(rows: list[dict], num_labels: int) -> str:
+    """FixMatch's difference to the labeled-only baseline at ``num_labels`` in words, conditional on the
+    seeds' noise (:func:`fmnist_core.core.wording.gain_phrase`)."""
+    return wording.gain_phrase(*paired_gain(rows, num_labels))
+
+
+def chance_note(summary: list[dict], num_classes: int, profile: str) -> str:
+    """The page's paragraph on the runs (:func:`summarise` rows) that have not learned at this budget."""
+    runs = [wording.RunScore(f"{r['model']} @ {r['num_labels']:,} labels", r["test_accuracy"]) for r in summary]
+    return wording.chance_note(runs, num_classes, wording.remedy("fixmatch", profile))

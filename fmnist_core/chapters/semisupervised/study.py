@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist_core.core import metrics
+from fmnist_core.core import metrics, wording
 from fmnist_core.core.config import param, require, require_choice
 from fmnist_core.core.data import TEST_IMAGES, TRAIN_IMAGES, ImageDataset, Split, job_dataset, make_splits
 from fmnist_core.core.io import read_json
@@ -222,3 +222,65 @@ def confusion(out_dir, labels) -> list[list[int]]:
     """The test confusion matrix (counts) of a run, from its saved test probabilities (with TTA)."""
     probs = np.load(Path(out_dir) / "test_probs.npy")
     return metrics.confusion_matrix(np.asarray(labels.cpu()), probs.argmax(1), probs.shape[1]).tolist()
+
+
+def chance_note(rows: list[dict], run_dir, num_classes: int, profile: str) -> str:
+    """The page's paragraph on the (model, label count) runs that have not learned at this budget.
+
+    Parameters
+    ----------
+    rows : list of dict
+        The main study's rows (:attr:`StudyResults.rows`): ``model``, ``num_labels``, ``test_accuracy``, ``run``.
+    run_dir : path
+        The run folder; each run's last validation cross-entropy is read from ``models/<run>/history.json``.
+    num_classes : int
+        Number of classes.
+    profile : str
+        The profile, for the command that gives the runs more budget.
+
+    Returns
+    -------
+    str
+        Markdown, ``""`` when every run has learned (:func:`fmnist_core.core.wording.chance_note`).
+    """
+    groups: dict = {}
+    for row in rows:
+        loss = read_json(Path(run_dir) / "models" / row["run"] / "history.json")[-1].get("val_loss")
+        groups.setdefault((row["model"], row["num_labels"]), []).append((row["test_accuracy"], loss))
+    runs = [wording.RunScore(f"{model} @ {n:,} labels" if n else f"{model} @ all labels",
+                             float(np.mean([a for a, _ in scores])),
+                             None if any(l is None for _, l in scores) else float(np.mean([l for _, l in scores])))
+            for (model, n), scores in groups.items()]
+    return wording.chance_note(runs, num_classes, wording.remedy("semisupervised", profile))
+
+
+def loss_terms_note(run_dir, run: str, kl_weight: float) -> str:
+    """Which term makes up the Semi-SupVAE's objective, from the last epoch's logged means of one run.
+
+    Parameters
+    ----------
+    run_dir : path
+        The run folder (``models/<run>/history.json`` and ``metrics.json``).
+    run : str
+        A ``semisup_vae`` run's name (:func:`run_name`).
+    kl_weight : float
+        The weight of its KL term.
+
+    Returns
+    -------
+    str
+        A sentence giving the reconstruction, weighted KL and weighted cross-entropy in nats per image and
+        naming the term that makes up more than half of their sum, or saying that none does.
+    """
+    folder = Path(run_dir) / "models" / run
+    last, weight = read_json(folder / "history.json")[-1], read_json(folder / "metrics.json")["classification_weight"]
+    terms = {"reconstruction": last["train_recon"], "KL": kl_weight * last["train_kl"],
+             "weighted cross-entropy": weight * last["train_classification"]}
+    total = sum(terms.values())
+    largest = max(terms, key=terms.get)
+    shares = ", ".join(f"{name} {value:,.1f} ({value / total:.0%})" for name, value in terms.items())
+    verdict = (f"the {largest} term dominates it" if terms[largest] > total / 2
+               else "no single term makes up half of it")
+    return (f"Its objective in the last epoch of {run} (means over the epoch's steps, nats per image): {shares} "
+            f"of {total:,.1f}, the cross-entropy {last['train_classification']:.3f} times its weight "
+            f"{weight:g} and the KL {last['train_kl']:.1f} times {kl_weight:g}; {verdict}.").replace("%)", " %)")
