@@ -116,9 +116,11 @@ def cmd_build(args) -> int:
     else:
         results = run_with_executor(executor, profile_experiments(args.profile), args.profile, None, args.force,
                                     args.results_dir, args.data_dir)
+    from fmnist_core.pipeline.sweep_cli import run_declared_sweeps
+    results += run_declared_sweeps(args.profile, executor, args.force, args.results_dir, args.data_dir)
     output = (args.output_dir or work_root() / "_build" / args.profile).resolve()
     index = book.build(args.profile, Path(args.results_dir).resolve(), output)
-    failed = [r.experiment for r in results if r.status == "failed"]
+    failed = [r.run_dir.name for r in results if r.status == "failed"]
     print(f"book ({args.profile}): {index}")
     if failed:
         print(f"error: failed experiments: {', '.join(failed)} (their chapters say why)", file=sys.stderr)

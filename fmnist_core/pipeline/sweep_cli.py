@@ -45,6 +45,15 @@ def cmd_sweep(args) -> int:
     return 1 if failed else 0
 
 
+def run_declared_sweeps(profile: str, executor, force: bool, results_dir, data_dir) -> list:
+    """``build``: run the sweeps ``profile`` declares (``sweeps:`` in ``profiles.yml``); their runs' results."""
+    from fmnist_core.pipeline.sweep import declared_sweeps, run_sweep
+    results = []
+    for sweep in declared_sweeps(profile):
+        results += run_sweep(sweep, executor, force, results_dir, data_dir)
+    return results
+
+
 def cmd_compare(args) -> int:
     from fmnist_core.pipeline.sweep import compare_lines
     print("\n".join(compare_lines(args.run_a, args.run_b)))
