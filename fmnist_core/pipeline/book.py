@@ -174,8 +174,10 @@ def build(profile: str, results_dir: Path, output_dir: Path) -> Path:
     """Assemble and build the HTML book; returns the path of its ``index.html``."""
     source = output_dir / "source"
     assemble(profile, results_dir, source)
+    from fmnist_core.pipeline.sweep_page import add_sweep_pages
+    toc = add_sweep_pages(profile, results_dir, source, TOC_PATH)  # the profile's sweeps, when it has any
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(source), "--config", str(CONFIG_PATH),
-               "--toc", str(TOC_PATH), "--path-output", str(output_dir), "-W", "--keep-going"]  # warnings fail it
+               "--toc", str(toc), "--path-output", str(output_dir), "-W", "--keep-going"]  # warnings fail it
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"jupyter-book failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")

@@ -25,8 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override a parameter (VALUE is read as YAML: 3, 0.1, true, [a, b])")
     run.add_argument("--force", action="store_true", help="run even if an identical finished run exists")
+    run.add_argument("--variant", nargs="?", const="", default=None, metavar="NAME",
+                     help="keep the run beside the profile's, in <experiment>@NAME/ (no NAME: one derived from the "
+                     "overrides, e.g. lr=0.01)")
     from fmnist_core.pipeline.executors import add_executor_options
     add_executor_options(run)
+
+    from fmnist_core.pipeline.sweep_cli import add_sweep_parsers
+    add_sweep_parsers(sub, add_executor_options)
 
     build = sub.add_parser("build", help="run every experiment of a profile, then build the HTML book", **catalogue)
     build.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -75,12 +81,22 @@ def cmd_run(args) -> int:
             raise FmnistBookError(f"parameter {name!r} given twice")
         overrides[name] = parse_cli_value(value)
     from fmnist_core.pipeline.executors import make_executor, run_with_executor
+    variant = args.variant
+    if variant is not None:
+        from fmnist_core.pipeline.runner import resolve_params
+        from fmnist_core.pipeline.variants import check_variant, derive_variant
+        resolve_params(args.experiment, args.profile, overrides)  # bad input first, before a name is derived
+        if not overrides:
+            raise FmnistBookError("--variant needs at least one override (-p NAME VALUE); without one the run is "
+                                  "the profile's own")
+        variant = check_variant(variant) if variant else derive_variant(overrides)
     executor = make_executor(args, args.profile, args.results_dir)
     if executor is None:
-        result = run_experiment(args.experiment, args.profile, overrides, args.force, args.results_dir, args.data_dir)
+        result = run_experiment(args.experiment, args.profile, overrides, args.force, args.results_dir, args.data_dir,
+                                variant=variant)
     else:
         [result] = run_with_executor(executor, [args.experiment], args.profile, overrides, args.force,
-                                     args.results_dir, args.data_dir)
+                                     args.results_dir, args.data_dir, variant=variant)
     if result.status == "failed":
         print(f"error: {args.experiment} failed: {result.error}", file=sys.stderr)
         return 1
@@ -100,9 +116,11 @@ def cmd_build(args) -> int:
     else:
         results = run_with_executor(executor, profile_experiments(args.profile), args.profile, None, args.force,
                                     args.results_dir, args.data_dir)
+    from fmnist_core.pipeline.sweep_cli import run_declared_sweeps
+    results += run_declared_sweeps(args.profile, executor, args.force, args.results_dir, args.data_dir)
     output = (args.output_dir or work_root() / "_build" / args.profile).resolve()
     index = book.build(args.profile, Path(args.results_dir).resolve(), output)
-    failed = [r.experiment for r in results if r.status == "failed"]
+    failed = [r.run_dir.name for r in results if r.status == "failed"]
     print(f"book ({args.profile}): {index}")
     if failed:
         print(f"error: failed experiments: {', '.join(failed)} (their chapters say why)", file=sys.stderr)
@@ -118,6 +136,8 @@ def cmd_results(args) -> int:
         print(format_glance(args.profile, Path(args.results_dir)), end="")
         return 0
     print(results_table(args.profile, Path(args.results_dir)))
+    from fmnist_core.pipeline.sweep_cli import variant_results
+    print(variant_results(args.profile, Path(args.results_dir)), end="")
     return 0
 
 
@@ -128,6 +148,9 @@ def cmd_status(args) -> int:
     from fmnist_core.pipeline.scale import job_status_lines
     for line in job_status_lines(args.profile, args.results_dir):
         print(line)
+    from fmnist_core.pipeline.variants import variant_runs, variant_state
+    for run_dir in variant_runs(Path(args.results_dir) / args.profile):
+        print(f"{run_dir.name:<16} {variant_state(run_dir, args.results_dir)}")
     return 0
 
 
@@ -177,7 +200,13 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "build": cmd_build, "results": cmd_results, "status": cmd_status,
-            "verify": cmd_verify, "list": cmd_list, "data": cmd_data, "predict": cmd_predict, "plan": cmd_plan}
+            "verify": cmd_verify, "list": cmd_list, "data": cmd_data, "predict": cmd_predict, "plan": cmd_plan,
+            "sweep": lambda args: _sweep_cli().cmd_sweep(args), "compare": lambda args: _sweep_cli().cmd_compare(args)}
+
+
+def _sweep_cli():
+    from fmnist_core.pipeline import sweep_cli
+    return sweep_cli
 
 
 def main(argv=None) -> int:

@@ -141,14 +141,16 @@ def reattach_command(args) -> str:
     return "fmnist-book " + shlex.join(sys.argv[1:]) if sys.argv[1:] else f"fmnist-book {args.command} ..."
 
 
-def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None) -> list[Job] | None:
-    """The unfinished jobs of ``experiment``'s run, planned in its run folder (made ready for the notebook)
-    with their ``job.json`` written; ``None`` when it has no jobs, is up to date, or waits for a required run."""
+def plan_study(experiment: str, profile: str, overrides=None, force=False, results_dir=None,
+               variant: str | None = None) -> list[Job] | None:
+    """The unfinished jobs of ``experiment``'s run (its ``variant``'s when given), planned in its run folder (made
+    ready for the notebook) with their ``job.json`` written; ``None`` when it has no jobs, is up to date, or waits
+    for a required run."""
     from fmnist_core.pipeline.runner import DEFAULT_RESULTS, prepare_run
     exp = get_experiment(experiment)
     if exp.plan is None:
         return None
-    prepared = prepare_run(experiment, profile, overrides, force, results_dir or DEFAULT_RESULTS)
+    prepared = prepare_run(experiment, profile, overrides, force, results_dir or DEFAULT_RESULTS, variant)
     if prepared is None:
         return None
     run_dir, params = prepared
@@ -183,16 +185,17 @@ def waves(experiments: list[str]) -> list[list[str]]:
 
 
 def run_with_executor(executor, experiments: list[str], profile: str, overrides=None, force=False,
-                      results_dir=None, data_dir=None, log=print) -> list:
+                      results_dir=None, data_dir=None, log=print, variant: str | None = None) -> list:
     """Run the jobs of ``experiments`` through ``executor``, then their notebooks (which only gather), wave by
-    wave (:func:`waves`); a study with a failed job is recorded as failed, naming the job and its log."""
-    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, RunResult, _record_failure, run_experiment
+    wave (:func:`waves`); a study with a failed job is recorded as failed, naming the job and its log.
+    ``variant``: the runs are that variant of each experiment (``<experiment>@<variant>/``)."""
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, RunResult, _record_failure, run_experiment, run_name
     results_dir = Path(results_dir or DEFAULT_RESULTS).resolve()
     if data_dir:  # the workers read the data where the notebooks would
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
     results = []
     for group in waves(experiments):
-        planned = {e: plan_study(e, profile, overrides, force, results_dir) for e in group}
+        planned = {e: plan_study(e, profile, overrides, force, results_dir, variant) for e in group}
         studies = {e: jobs for e, jobs in planned.items() if jobs}
         if studies:
             log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]"
@@ -202,14 +205,16 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
             failed = [f for f in failures if f.study == experiment]
             if failed:
                 error = "; ".join(f.describe() for f in failed)
-                results.append(_record_failure(results_dir / profile / experiment, experiment, profile, error))
+                results.append(_record_failure(results_dir / profile / run_name(experiment, variant), experiment,
+                                               profile, error, variant=variant, overrides=overrides))
                 log(f"{experiment} [{profile}]: FAILED: {error}")
                 continue
             try:
                 results.append(run_experiment(experiment, profile, overrides, force, results_dir, data_dir, log,
-                                              prepared=planned[experiment] is not None))
+                                              prepared=planned[experiment] is not None, variant=variant))
             except RunError as err:
-                results.append(RunResult(experiment, "failed", results_dir / profile / experiment, error=str(err)))
+                results.append(RunResult(experiment, "failed", results_dir / profile / run_name(experiment, variant),
+                                         error=str(err)))
     return results
 
 

@@ -55,6 +55,12 @@ def load_profiles(path: Path = PROFILES_PATH) -> dict:
             except ConfigError as err:
                 raise ConfigError(f"{path}: profile {name!r}: {err}") from None
             config.from_overrides(params or {}, where=f"{path.name}: {name}.{exp}")
+        if profile.get("sweeps") is not None:  # declared sweeps (fmnist_core.pipeline.sweep), checked point by point
+            from fmnist_core.pipeline.sweep import plan_declared
+            if not isinstance(profile["sweeps"], list):
+                raise ConfigError(f"{path}: profile {name!r}: 'sweeps' must be a list of sweeps")
+            for entry in profile["sweeps"]:
+                plan_declared(entry, name, profile, where=path.name)
     return profiles
 
 
@@ -160,17 +166,20 @@ def run_lock(results_dir: Path, profile: str, experiment: str):
 
 
 def run_experiment(experiment: str, profile: str = "quick", overrides: dict | None = None, force: bool = False,
-                   results_dir: Path = DEFAULT_RESULTS, data_dir=None, log=print, prepared: bool = False) -> RunResult:
+                   results_dir: Path = DEFAULT_RESULTS, data_dir=None, log=print, prepared: bool = False,
+                   variant: str | None = None) -> RunResult:
     """Execute ``notebooks/<experiment>.ipynb`` for ``profile`` unless an identical run has finished.
 
     Parameters are validated before anything is written; a failure leaves the previous finished run (if
     any) in place and records the error in ``<experiment>.failed.json`` for the book to show. ``prepared``:
     :func:`prepare_run` made the run folder (and an executor ran its jobs there): it is used as it is.
+    ``variant``: the run goes to ``<experiment>@<variant>/`` beside the profile's run, which it never replaces
+    (:func:`fmnist_core.pipeline.variants.check_variant`).
     """
     results_dir = Path(results_dir).resolve()
     params = resolve_params(experiment, profile, overrides)
-    final = results_dir / profile / experiment
-    with run_lock(results_dir, profile, experiment):
+    final = results_dir / profile / run_name(experiment, variant)
+    with run_lock(results_dir, profile, final.name):
         recover_interrupted_swap(final)
         parts = key_parts(experiment, profile, params, results_dir)
         key = key_of(parts)
@@ -179,8 +188,17 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
             return RunResult(experiment, "cached", final)
         missing = _missing_requirements(experiment, profile, results_dir)
         if missing:
-            return _record_failure(final, experiment, profile, f"needs the finished run(s) {', '.join(missing)} first")
-        return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared)
+            return _record_failure(final, experiment, profile, f"needs the finished run(s) {', '.join(missing)} first",
+                                   variant=variant, overrides=overrides)
+        return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared, variant)
+
+
+def run_name(experiment: str, variant: str | None = None) -> str:
+    """The folder of a run under ``results/<profile>/``: ``<experiment>``, or ``<experiment>@<variant>``."""
+    if variant is None:
+        return experiment
+    from fmnist_core.pipeline.variants import check_variant
+    return f"{experiment}@{check_variant(variant)}"
 
 
 def _up_to_date(final: Path, key: str) -> bool:
@@ -220,14 +238,14 @@ def prepare_partial(final: Path, key: str, params: dict, force: bool, keep: bool
 
 
 def prepare_run(experiment: str, profile: str, overrides: dict | None = None, force: bool = False,
-                results_dir: Path = DEFAULT_RESULTS) -> tuple[Path, dict] | None:
+                results_dir: Path = DEFAULT_RESULTS, variant: str | None = None) -> tuple[Path, dict] | None:
     """Make the run folder of ``experiment`` ready, so that an executor can run its jobs before the notebook;
     ``(run folder, parameters)``, or ``None`` when the finished run is up to date or a required run is missing
     (:func:`run_experiment` then says so). Its jobs' folders stay valid when an upstream run finishes later."""
     results_dir = Path(results_dir).resolve()
     params = resolve_params(experiment, profile, overrides)
-    final = results_dir / profile / experiment
-    with run_lock(results_dir, profile, experiment):
+    final = results_dir / profile / run_name(experiment, variant)
+    with run_lock(results_dir, profile, final.name):
         recover_interrupted_swap(final)
         key = run_key(experiment, profile, params, results_dir)
         if (not force and _up_to_date(final, key)) or _missing_requirements(experiment, profile, results_dir):
@@ -235,25 +253,31 @@ def prepare_run(experiment: str, profile: str, overrides: dict | None = None, fo
         return prepare_partial(final, key, params, force), params
 
 
-def _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared=False) -> RunResult:
+def _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared=False,
+             variant=None) -> RunResult:
     partial = prepare_partial(final, key_of(parts), params, force and not prepared, keep=prepared)
-    log(f"{experiment} [{profile}]: running in {partial}")
+    label = final.name
+    log(f"{label} [{profile}]: running in {partial}")
     started = time.perf_counter()
     try:
-        with show_progress(partial, f"{experiment} [{profile}]"), quiet_after_interrupt():
+        with show_progress(partial, f"{label} [{profile}]"), quiet_after_interrupt():
             execute_notebook(experiment, profile, params, partial, final.parent, data_dir)
         if not (partial / "metrics.json").exists():
             raise RunError(f"notebook {notebook_path(experiment).name} finished without writing metrics.json")
     except KeyboardInterrupt:  # the partial folder is kept to be resumed; the command says so
         raise RunInterrupted(experiment, partial) from None
     except Exception as err:  # a failed chapter is reported, the others still run
-        return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started)
+        return _record_failure(final, experiment, profile, describe_error(err), time.perf_counter() - started,
+                               variant, overrides)
     seconds = time.perf_counter() - started
     env = environment_record(experiment, profile, params, parts, seconds, overrides)
     stopped = deadlines.stopped_jobs(partial)  # jobs a deadline stopped short of their budget
+    if variant:  # what `status` and the sweep page read back (a profile's run records neither)
+        env.update(variant=variant, overrides=overrides or {},
+                   command=env["command"].replace(f"--profile {profile}", f"--profile {profile} --variant {variant}", 1))
     write_json(partial / "env.json", {**env, **({"stopped_early": stopped} if stopped else {})})
     _swap_into_place(partial, final)
-    log(f"{experiment} [{profile}]: done in {seconds:.0f} s -> {final}")
+    log(f"{label} [{profile}]: done in {seconds:.0f} s -> {final}")
     return RunResult(experiment, "done", final, seconds)
 
 
@@ -316,10 +340,14 @@ def failure_path(final: Path) -> Path:
     return final.with_name(final.name + ".failed.json")
 
 
-def _record_failure(final: Path, experiment: str, profile: str, error: str, seconds: float = 0.0) -> RunResult:
+def _record_failure(final: Path, experiment: str, profile: str, error: str, seconds: float = 0.0,
+                    variant: str | None = None, overrides: dict | None = None) -> RunResult:
+    rerun = f"fmnist-book run {experiment} --profile {profile}"
+    if variant:
+        rerun += f" --variant {variant} " + " ".join(f"-p {k} {json.dumps(v)!r}" for k, v in (overrides or {}).items())
     write_json(failure_path(final), {"experiment": experiment, "profile": profile, "error": error,
                                      "partial_notebook": str(final.with_name(final.name + ".partial") / f"{experiment}.ipynb"),
-                                     "rerun": f"fmnist-book run {experiment} --profile {profile}"})
+                                     "rerun": rerun.strip()})
     return RunResult(experiment, "failed", final, seconds, error)
 
 

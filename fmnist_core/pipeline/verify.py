@@ -91,7 +91,7 @@ def verify_run(run_dir, data_dir=None, keep: bool = False, log=print) -> Compari
     run_dir = Path(run_dir).resolve()
     env = read_json(run_dir / "env.json")
     experiment, profile, params = env.get("experiment"), env.get("profile"), env.get("params")
-    if experiment not in EXPERIMENTS or run_dir.name != experiment or run_dir.parent.name != profile:
+    if experiment not in EXPERIMENTS or run_dir.name.partition("@")[0] != experiment or run_dir.parent.name != profile:
         raise FmnistBookError(f"{run_dir / 'env.json'}: does not describe the run in this folder "
                               "(expected results/<profile>/<experiment>/)")
     get_experiment(experiment).config.from_overrides(params or {}, where=f"{run_dir / 'env.json'}")
