@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -193,11 +194,33 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
         return _execute(experiment, profile, params, parts, final, overrides, data_dir, force, log, prepared, variant)
 
 
+VARIANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=+-]*$")
+MAX_VARIANT_LENGTH = 100
+
+
+def check_variant(name: str) -> str:
+    """``name`` when it can name a variant's folder; else a ``ConfigError`` saying which characters it may use.
+
+    Parameters
+    ----------
+    name : str
+        The variant name (the part after ``@`` in ``<experiment>@<variant>``).
+
+    Returns
+    -------
+    str
+        The same name.
+    """
+    if not isinstance(name, str) or not VARIANT_PATTERN.match(name) or len(name) > MAX_VARIANT_LENGTH:
+        raise ConfigError(f"variant name {name!r}: must start with a letter or digit and use only letters, digits "
+                          f"and . _ , = + - (at most {MAX_VARIANT_LENGTH} characters)")
+    return name
+
+
 def run_name(experiment: str, variant: str | None = None) -> str:
     """The folder of a run under ``results/<profile>/``: ``<experiment>``, or ``<experiment>@<variant>``."""
     if variant is None:
         return experiment
-    from fmnist_core.pipeline.variants import check_variant
     return f"{experiment}@{check_variant(variant)}"
 
 

@@ -21,18 +21,19 @@ STEP_TIMES = project_file("bench", "results", "step_times.json")
 PROGRESS_FILE = "progress.json"
 
 
-def planned_jobs(experiment: str, profile: str, results_dir) -> list[Job]:
+def planned_jobs(experiment: str, profile: str, results_dir, overrides: dict | None = None,
+                 variant: str | None = None) -> list[Job]:
     """The jobs of ``experiment`` in ``profile``, planned where its run keeps them (nothing is written): the
     run in progress (``<experiment>.partial``, with the parameters it was started with) if there is one, else
-    the finished one, else the profile's parameters."""
-    from fmnist_core.pipeline.runner import resolve_params
+    the finished one, else the profile's parameters (with ``overrides``: a ``variant``'s run)."""
+    from fmnist_core.pipeline.runner import resolve_params, run_name
     exp = get_experiment(experiment)
     if exp.plan is None:
         return []
-    final = Path(results_dir).resolve() / profile / experiment
+    final = Path(results_dir).resolve() / profile / run_name(experiment, variant)
     partial = final.with_name(final.name + ".partial")
     run_dir = partial if partial.exists() else final
-    params = resolve_params(experiment, profile)
+    params = resolve_params(experiment, profile, overrides)
     for record in (run_dir / "run.json", run_dir / "env.json"):
         try:
             if record.exists():
@@ -90,10 +91,13 @@ def plan_lines(profile: str, results_dir, device: str | None = None) -> list[str
     """The lines of ``fmnist-book plan``: every job of the profile, its steps and estimated time, and totals."""
     from fmnist_core.pipeline.runner import profile_experiments
     device = device or this_device()
+    from fmnist_core.pipeline.sweep import declared_sweeps
     times, lines, total_s, unknown, count = step_times(device), [], 0.0, 0, 0
-    for experiment in profile_experiments(profile):
-        jobs = planned_jobs(experiment, profile, results_dir)
-        lines += [f"{experiment}: {len(jobs)} job(s)"] if jobs else []
+    runs = [(experiment, None, None) for experiment in profile_experiments(profile)]
+    runs += [(sweep.experiment, p.overrides, p.variant) for sweep in declared_sweeps(profile) for p in sweep.points]
+    for experiment, overrides, variant in runs:  # the profile's runs, then the points of its declared sweeps
+        jobs = planned_jobs(experiment, profile, results_dir, overrides, variant)
+        lines += [f"{experiment}{'@' + variant if variant else ''}: {len(jobs)} job(s)"] if jobs else []
         for job in jobs:
             steps, per_step = job_steps(job), times.get(job_backbone(job))
             seconds = steps * per_step if per_step is not None else None

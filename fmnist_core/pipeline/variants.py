@@ -13,29 +13,7 @@ from pathlib import Path
 
 from fmnist_core.core.errors import ConfigError, FmnistBookError
 from fmnist_core.core.io import read_json
-
-VARIANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,=+-]*$")
-MAX_VARIANT_LENGTH = 100
-
-
-def check_variant(name: str) -> str:
-    """``name`` when it can name a variant's folder; else a ``ConfigError`` saying which characters it may use.
-
-    Parameters
-    ----------
-    name : str
-        The variant name (the part after ``@`` in ``<experiment>@<variant>``).
-
-    Returns
-    -------
-    str
-        The same name.
-    """
-    if not isinstance(name, str) or not VARIANT_PATTERN.match(name) or len(name) > MAX_VARIANT_LENGTH:
-        raise ConfigError(f"variant name {name!r}: must start with a letter or digit and use only letters, digits "
-                          f"and . _ , = + - (at most {MAX_VARIANT_LENGTH} characters)")
-    return name
-
+from fmnist_core.pipeline.runner import MAX_VARIANT_LENGTH, VARIANT_PATTERN, check_variant  # noqa: F401
 
 def format_value(value) -> str:
     """A parameter value as a variant name writes it: ``0.8``, ``true``, ``mlp+lenet_avg`` for a list."""
