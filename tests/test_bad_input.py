@@ -646,10 +646,15 @@ def test_semisupervised_label_counts_the_data_can_supply_are_accepted(profile, d
 TRAINING_IMAGES = {"fashion_mnist": FASHION_MNIST_TRAIN, "cifar10": CIFAR10_TRAIN}
 
 
+def fixmatch_pool(profile: str, dataset: str) -> int:
+    """The training images a FixMatch run of ``profile`` may label: all of them less the validation split."""
+    return TRAINING_IMAGES[dataset] - runner.resolve_params("fixmatch", profile, {"dataset": dataset})["val_size"]
+
+
 @SETTINGS
 @given(profile=st.sampled_from(PROFILES), dataset=st.sampled_from(sorted(TRAINING_IMAGES)), data=st.data())
 def test_fixmatch_label_counts_the_data_cannot_supply_are_refused_up_front(capsys, results, profile, dataset, data):
-    available = TRAINING_IMAGES[dataset]
+    available = fixmatch_pool(profile, dataset)
     good = st.integers(1, available // 10).map(lambda n: 10 * n)
     bad = st.one_of(st.integers(-10**5, 9), st.integers(11, available).filter(lambda n: n % 10),
                     st.integers(available // 10 + 1, 10**5).map(lambda n: 10 * n))
@@ -658,20 +663,21 @@ def test_fixmatch_label_counts_the_data_cannot_supply_are_refused_up_front(capsy
         value, ceiling = data.draw(st.lists(good, max_size=3)), 0
         value.insert(data.draw(st.integers(0, len(value))), data.draw(bad))
     else:
-        value = ceiling = data.draw(st.integers(available // 10 + 1, 10**5).map(lambda n: 10 * n) | below(0))
+        # -1 is valid: every image outside the validation split
+        value = ceiling = data.draw(st.integers(available // 10 + 1, 10**5).map(lambda n: 10 * n) | below(-1))
     with nothing_written(results):
         code, _, err = run_cli(capsys, "--results-dir", results, "run", "fixmatch", "--profile", profile,
                                "-p", "dataset", dataset, "-p", where, typed(value),
                                *(["-p", "ceiling_labels", str(ceiling)] if where == "label_counts" else []))
-    assert_refused(code, err, f"parameter {where!r}", f"up to {available:,} ({dataset}'s training images)")
+    assert_refused(code, err, f"parameter {where!r}", f"up to {available:,} ({dataset}'s training images less the")
 
 
 @SETTINGS
 @given(dataset=st.sampled_from(sorted(TRAINING_IMAGES)), data=st.data())
 def test_fixmatch_label_counts_the_data_can_supply_are_accepted(dataset, data):
-    available = TRAINING_IMAGES[dataset]
+    available = fixmatch_pool("quick", dataset)
     tens = st.integers(1, available // 10).map(lambda n: 10 * n)
-    counts, ceiling = data.draw(st.lists(tens, min_size=1, max_size=3)), data.draw(st.just(0) | tens)
+    counts, ceiling = data.draw(st.lists(tens, min_size=1, max_size=3)), data.draw(st.sampled_from([-1, 0]) | tens)
     params = runner.resolve_params("fixmatch", "quick", {"dataset": dataset, "label_counts": counts,
                                                          "ceiling_labels": ceiling})
     assert params["label_counts"] == counts and params["ceiling_labels"] == ceiling

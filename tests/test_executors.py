@@ -100,10 +100,11 @@ def test_the_studies_estimate_which_of_their_jobs_take_longest(tmp_path):
     from fmnist_core.pipeline.scale import planned_jobs
     assert set(STEP_COST) == set(SEMISUP_MODELS)
     semisup = [job.label for _, job in longest_first([("s", j) for j in planned_jobs("semisupervised", "quick", tmp_path)])]
-    assert semisup[0] == "cnn_ceiling_s0" and all(label.startswith("m2_") for label in semisup[1:4])
+    assert semisup[0].startswith("cnn_ceiling_s") and all(label.startswith("m2_") for label in semisup[1:4])
     fixmatch = [job.label for _, job in longest_first([("f", j) for j in planned_jobs("fixmatch", "quick", tmp_path)])]
-    assert all(x.startswith(("fixmatch_", "fully_supervised")) for x in fixmatch[:5])  # 240 or 128 images a step
-    assert all(x.startswith("supervised-only") for x in fixmatch[5:])  # 16 images a step
+    first = sum(not x.startswith("supervised-only") for x in fixmatch)
+    assert first >= 2 and all(x.startswith(("fixmatch_", "fully_supervised")) for x in fixmatch[:first])  # (1+mu)B
+    assert all(x.startswith("supervised-only") for x in fixmatch[first:])  # B images a step
 
 
 def test_a_job_folder_with_a_live_worker_gets_no_second_one(tmp_path, tests_importable):

@@ -16,6 +16,7 @@ import yaml
 from fmnist_core.pipeline.experiments import EXPERIMENTS
 from fmnist_core.core.io import read_json, write_bytes_atomic
 from fmnist_core.core.resources import project_file
+from fmnist_core.pipeline.reader_notebook import reader_notebook as _remove_parameters
 from fmnist_core.pipeline.rootbook import record_last_book
 from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 
@@ -69,9 +70,6 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
     return False
 
 
-READER_HIDDEN = ("parameters", "injected-parameters")
-
-
 DOWNLOADS = "downloads"  # under the book's source; Sphinx's {download} role copies each file into the HTML
 
 
@@ -98,26 +96,6 @@ def downloads_markdown(name: str, run_dir: Path, source: Path) -> str:
         lines += ["", "Training histories, one CSV per job (one row per epoch or logged step): "
                   + ", ".join(link(f"{job}.csv") for job in histories) + "."]
     return "\n".join(lines) + "\n"
-
-
-def _remove_parameters(notebook: Path, appendix: str = "") -> str:
-    """The executed notebook without its parameters cells on the page (papermill's defaults and injected values),
-    with the Markdown ``appendix`` (the chapter's downloads) as its last cell.
-
-    A reader never needs them: the appendix "Reproducibility" lists every run's parameters. The cells stay in
-    the notebook (tagged ``remove-cell``), so papermill still finds its ``parameters`` tag.
-    """
-    nb = read_json(notebook)
-    for cell in nb["cells"]:
-        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
-        if any(tag in tags for tag in READER_HIDDEN):
-            tags[:] = [t for t in tags if t not in ("hide-cell", "hide-input")]
-            if "remove-cell" not in tags:
-                tags.append("remove-cell")
-    if appendix:
-        nb["cells"].append({"cell_type": "markdown", "id": "book-downloads", "metadata": {},
-                            "source": appendix.splitlines(keepends=True)})
-    return json.dumps(nb)
 
 
 def _fill(text: str, profile: str, results_dir: Path) -> str:

@@ -109,7 +109,9 @@ def cmd_build(args) -> int:
     from fmnist_core.pipeline.runner import get_profile, run_profile
     from fmnist_core.pipeline.executors import make_executor, run_with_executor
     from fmnist_core.pipeline.runner import profile_experiments
+    from fmnist_core.pipeline.sweep import declared_sweeps
     get_profile(args.profile)
+    declared_sweeps(args.profile)  # a bad declared sweep is refused before anything runs
     executor = make_executor(args, args.profile, args.results_dir)
     if executor is None:
         results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)

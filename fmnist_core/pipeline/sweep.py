@@ -123,6 +123,36 @@ def plan_sweep(experiment: str, profile: str, parameters: dict, fixed: dict | No
     if len(parameters) > MAX_PARAMETERS:
         raise ConfigError(f"{where}: at most {MAX_PARAMETERS} swept parameters, got {len(parameters)}: "
                           f"{', '.join(parameters)}")
+    _check_swept(exp, parameters, fixed, where)
+    seed_name = _check_seeds(experiment, seeds, parameters, fixed, where)
+    combos = list(itertools.product(*parameters.values()))
+    runs = len(combos) * (seeds or 1)
+    if runs > MAX_POINTS and not yes:
+        raise ConfigError(f"{where}: {runs} runs ({len(combos)} point(s) x {seeds or 1} seed(s)) is more than "
+                          f"{MAX_POINTS}; add --yes to run them all")
+    points = [point for combo in combos
+              for point in _points(exp, dict(zip(parameters, combo)), fixed, seeds, seed_name, profile_params, where)]
+    return Sweep(experiment, profile, dict(parameters), fixed, seeds, points)
+
+
+def _points(exp, values: dict, fixed: dict, seeds, seed_name, profile_params, where: str) -> list:
+    """The runs of one swept combination (one per seed), each checked against the experiment's config."""
+    points = []
+    for seed in (range(seeds) if seeds else [None]):
+        seed_override = {} if seed is None else {seed_name: [seed] if seed_name == "seeds" else seed}
+        overrides = {**fixed, **values, **seed_override}
+        try:  # a wrong type or an impossible value, for this point
+            exp.config.from_overrides(profile_params or {}, overrides, where=where)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (point {_describe(values)})") from None
+        label = {**values, **({"seed": seed} if seed is not None else {})}
+        variant = derive_variant(label) if not fixed else _with_fixed(label, fixed)
+        points.append(Point(values, seed, overrides, variant))
+    return points
+
+
+def _check_swept(exp, parameters: dict, fixed: dict, where: str) -> None:
+    """Each swept parameter exists, has a non-empty list of distinct values, and is not also set."""
     names = {f.name for f in dataclasses.fields(exp.config)}
     for name, values in parameters.items():
         if name not in names:  # the config's own message, with the closest name
@@ -136,6 +166,10 @@ def plan_sweep(experiment: str, profile: str, parameters: dict, fixed: dict | No
             raise ConfigError(f"{where}: parameter {name!r}: a value is listed twice in {values!r}")
         if name in fixed:
             raise ConfigError(f"{where}: parameter {name!r} is both swept and set")
+
+
+def _check_seeds(experiment: str, seeds, parameters: dict, fixed: dict, where: str) -> str | None:
+    """The seed parameter that ``--seeds`` sets (``None`` without it); refused unless a positive integer."""
     seed_name = None
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -143,25 +177,7 @@ def plan_sweep(experiment: str, profile: str, parameters: dict, fixed: dict | No
         seed_name = seed_parameter(experiment)
         if seed_name in parameters or seed_name in fixed:
             raise ConfigError(f"{where}: --seeds sets {seed_name!r}; do not also sweep or set it")
-    combos = list(itertools.product(*parameters.values()))
-    runs = len(combos) * (seeds or 1)
-    if runs > MAX_POINTS and not yes:
-        raise ConfigError(f"{where}: {runs} runs ({len(combos)} point(s) x {seeds or 1} seed(s)) is more than "
-                          f"{MAX_POINTS}; add --yes to run them all")
-    points = []
-    for combo in combos:
-        values = dict(zip(parameters, combo))
-        for seed in (range(seeds) if seeds else [None]):
-            seed_override = {} if seed is None else {seed_name: [seed] if seed_name == "seeds" else seed}
-            overrides = {**fixed, **values, **seed_override}
-            try:  # a wrong type or an impossible value, for this point
-                exp.config.from_overrides(profile_params or {}, overrides, where=where)
-            except ConfigError as err:
-                raise ConfigError(f"{err} (point {_describe(values)})") from None
-            label = {**values, **({"seed": seed} if seed is not None else {})}
-            variant = derive_variant(label) if not fixed else _with_fixed(label, fixed)
-            points.append(Point(values, seed, overrides, variant))
-    return Sweep(experiment, profile, dict(parameters), fixed, seeds, points)
+    return seed_name
 
 
 def _describe(values: dict) -> str:
@@ -216,30 +232,17 @@ def run_sweep(sweep: Sweep, executor=None, force: bool = False, results_dir=None
     list of RunResult
         One per point, in the sweep's order; a failed point has ``status == "failed"`` and its error.
     """
-    from fmnist_core.pipeline.executors import plan_study
     from fmnist_core.pipeline.runner import (DEFAULT_RESULTS, RunResult, _record_failure, finished_key, run_experiment,
                                              run_name)
     results_dir = Path(results_dir or DEFAULT_RESULTS).resolve()
     profile, experiment = sweep.profile, sweep.experiment
-    missing = [d for d in get_experiment(experiment).requires
-               if finished_key(results_dir / profile / d) is None]
+    missing = [d for d in get_experiment(experiment).requires if finished_key(results_dir / profile / d) is None]
     if missing:
         raise RunError(f"the sweep of {experiment} needs the profile's finished run(s) of {', '.join(missing)} "
                        f"first: fmnist-book run {missing[0]} --profile {profile}")
     write_json(sweep_dir(results_dir, profile) / f"{sweep.name}.json", sweep.record())
     log(f"sweep {sweep.name} [{profile}]: {len(sweep.points)} run(s)")
-    planned, failures = {}, []
-    if executor is not None:
-        import os
-        if data_dir:
-            os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
-        planned = {p.variant: plan_study(experiment, profile, p.overrides, force, results_dir, p.variant)
-                   for p in sweep.points}
-        studies = {run_name(experiment, v): jobs for v, jobs in planned.items() if jobs}
-        if studies:
-            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {len(studies)} point(s) [{profile}]"
-                + (f"; {executor.describe()}" if hasattr(executor, "describe") else ""))
-            failures = executor.run(studies, log)
+    planned, failures = _run_jobs(sweep, executor, force, results_dir, data_dir, log)
     results = []
     for point in sweep.points:
         final = results_dir / profile / run_name(experiment, point.variant)
@@ -258,6 +261,26 @@ def run_sweep(sweep: Sweep, executor=None, force: bool = False, results_dir=None
         if results[-1].status == "failed":
             log(f"{final.name} [{profile}]: FAILED: {results[-1].error}")
     return results
+
+
+def _run_jobs(sweep: Sweep, executor, force: bool, results_dir: Path, data_dir, log) -> tuple[dict, list]:
+    """With an executor, every point's jobs at once: the planned jobs by variant, and the jobs' failures."""
+    from fmnist_core.pipeline.executors import plan_study
+    from fmnist_core.pipeline.runner import run_name
+    profile, experiment = sweep.profile, sweep.experiment
+    planned, failures = {}, []
+    if executor is not None:
+        import os
+        if data_dir:
+            os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
+        planned = {p.variant: plan_study(experiment, profile, p.overrides, force, results_dir, p.variant)
+                   for p in sweep.points}
+        studies = {run_name(experiment, v): jobs for v, jobs in planned.items() if jobs}
+        if studies:
+            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {len(studies)} point(s) [{profile}]"
+                + (f"; {executor.describe()}" if hasattr(executor, "describe") else ""))
+            failures = executor.run(studies, log)
+    return planned, failures
 
 
 def declared_sweeps(profile: str, profiles: dict | None = None, yes: bool = True) -> list[Sweep]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fmnist_core.core.io import read_json, write_bytes_atomic
+from fmnist_core.pipeline.reader_notebook import reader_notebook
 from fmnist_core.pipeline.sweep import headline_metrics, mean_std, recorded_sweeps
 from fmnist_core.pipeline.variants import format_value
 
@@ -162,6 +163,44 @@ def page_name(sweep_name: str) -> str:
     return "sweep-" + re.sub(r"[^A-Za-z0-9]+", "-", sweep_name).strip("-")
 
 
+def _introduction(record: dict, params: list[str]) -> list[str]:
+    """The sweep page's title and its first paragraph: what was swept, over which values and seeds."""
+    seeds = record.get("seeds")
+    return [f"# Sweep: {record['experiment']}, {' × '.join(params)}", "",
+            f"The `{record['experiment']}` experiment of the `{record['profile']}` profile with "
+            + " and ".join(f"`{p}` ∈ {{{', '.join(format_value(v) for v in record['parameters'][p])}}}" for p in params)
+            + (f", {seeds} seed(s) per point" if seeds else ", the profile's seed(s)")
+            + ("; every point also sets " + ", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in record["set"].items())
+               if record.get("set") else "") + ". Each point is a variant run (its own folder and key); the "
+            "profile's own run is not one of them.", ""]
+
+
+def _table(record: dict, rows: list, params: list[str], names: list[str], page: str,
+           source: Path) -> tuple[list[str], list[str]]:
+    """The table of the points (values, metrics, runs, keys, notebook links); writes the points' notebooks.
+
+    Returns the table's Markdown lines and the names of the notebook pages written.
+    """
+    header = params + [f"{n}" for n in names] + ["runs", "keys", "notebooks"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    sections = []
+    for row in rows:
+        links = []
+        for run_dir in row.runs:
+            # beside the chapters (not in a folder), so that the notebook's own links to other pages still resolve
+            section = f"{page}--{re.sub(r'[^A-Za-z0-9]+', '-', run_dir.name.partition('@')[2]).strip('-')}"
+            write_bytes_atomic(source / f"{section}.ipynb",
+                               reader_notebook(run_dir / f"{record['experiment']}.ipynb").encode())
+            sections.append(section)
+            links.append(f"[{run_dir.name.partition('@')[2]}]({section}.ipynb)")
+        cells = [f"`{format_value(row.values[p])}`" for p in params]
+        cells += [fmt(n, row.metrics[n][0], row.metrics[n][1]) if n in row.metrics else "–" for n in names]
+        cells += [str(len(row.runs)) + (f" ({len(row.missing)} missing)" if row.missing else ""),
+                  " ".join(f"`{k[:12]}`" for k in row.keys), "<br>".join(links)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines, sections
+
+
 def render_sweep(record: dict, results_dir: Path, source: Path) -> tuple[str, list[str]]:
     """Write a sweep's page (``<page>.md``), its figure and its points' notebooks into ``source``.
 
@@ -179,21 +218,13 @@ def render_sweep(record: dict, results_dir: Path, source: Path) -> tuple[str, li
     tuple of (str, list of str)
         The page's name and the names of the points' notebook pages (sections under it).
     """
-    from fmnist_core.pipeline.book import _remove_parameters
     rows = summarise(record, results_dir)
     page = page_name(record["name"])
     folder = source / page
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     params, names = list(record["parameters"]), metric_names(rows)
-    seeds = record.get("seeds")
-    lines = [f"# Sweep: {record['experiment']}, {' × '.join(params)}", "",
-             f"The `{record['experiment']}` experiment of the `{record['profile']}` profile with "
-             + " and ".join(f"`{p}` ∈ {{{', '.join(format_value(v) for v in record['parameters'][p])}}}" for p in params)
-             + (f", {seeds} seed(s) per point" if seeds else ", the profile's seed(s)")
-             + ("; every point also sets " + ", ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in record["set"].items())
-                if record.get("set") else "") + ". Each point is a variant run (its own folder and key); the "
-             "profile's own run is not one of them.", ""]
+    lines = _introduction(record, params)
     if names:
         sweep_figure_path = folder / "sweep.png"
         fig = sweep_figure(record, rows)
@@ -201,23 +232,8 @@ def render_sweep(record: dict, results_dir: Path, source: Path) -> tuple[str, li
         __import__("matplotlib.pyplot").pyplot.close(fig)
         lines += [f"![{record['experiment']} against {', '.join(params)}]({page}/sweep.png)", ""]
         lines += spread_sentences(rows) + [""]
-    header = params + [f"{n}" for n in names] + ["runs", "keys", "notebooks"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    sections = []
-    for row in rows:
-        links = []
-        for run_dir in row.runs:
-            # beside the chapters (not in a folder), so that the notebook's own links to other pages still resolve
-            section = f"{page}--{re.sub(r'[^A-Za-z0-9]+', '-', run_dir.name.partition('@')[2]).strip('-')}"
-            write_bytes_atomic(source / f"{section}.ipynb",
-                               _remove_parameters(run_dir / f"{record['experiment']}.ipynb").encode())
-            sections.append(section)
-            links.append(f"[{run_dir.name.partition('@')[2]}]({section}.ipynb)")
-        cells = [f"`{format_value(row.values[p])}`" for p in params]
-        cells += [fmt(n, row.metrics[n][0], row.metrics[n][1]) if n in row.metrics else "–" for n in names]
-        cells += [str(len(row.runs)) + (f" ({len(row.missing)} missing)" if row.missing else ""),
-                  " ".join(f"`{k[:12]}`" for k in row.keys), "<br>".join(links)]
-        lines.append("| " + " | ".join(cells) + " |")
+    table, sections = _table(record, rows, params, names, page, source)
+    lines += table
     missing = [v for row in rows for v in row.missing]
     if missing:
         lines += ["", "```{warning}", "No finished run for: " + ", ".join(missing) + ". Re-run the sweep's command "

@@ -31,9 +31,9 @@ class FixMatchStudyConfig(FixMatchTraining):
 
     label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
-    ceiling_labels: int = param(55000, "labels of the fully supervised ceiling (0 = no ceiling run; at most the "
-                                       "training images less the validation split); it takes (1 + mu) B labeled "
-                                       "images a step, as many as a FixMatch step sees")
+    ceiling_labels: int = param(-1, "labels of the fully supervised ceiling: -1 = every training image outside the "
+                                    "validation split, 0 = no ceiling run, else a multiple of 10 up to that many; it "
+                                    "takes (1 + mu) B labeled images a step, as many as a FixMatch step sees")
     ceiling_steps: int = param(0, "optimiser steps of the ceiling (0 = steps, the paper's equal budget); a "
                                   "supervised step costs an eighth of a FixMatch step, so a CPU budget can afford more")
 
@@ -48,8 +48,14 @@ class FixMatchStudyConfig(FixMatchTraining):
         require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
                 f"must list at least one seed, none negative, got {self.seeds}")
         require(self.ceiling_steps >= 0, "ceiling_steps", f"must be 0 (= steps) or positive, got {self.ceiling_steps}")
-        require(0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0, "ceiling_labels",
-                f"must be 0 (none) or a multiple of 10 up to {available:,} ({where}), got {self.ceiling_labels}")
+        require(self.ceiling_labels == -1 or (0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0),
+                "ceiling_labels", f"must be -1 (all), 0 (none) or a multiple of 10 up to {available:,} ({where}), "
+                                  f"got {self.ceiling_labels}")
+
+    def ceiling_count(self) -> int:
+        """The ceiling's labels: ``ceiling_labels``, with -1 read as every training image outside the validation
+        split (0: no ceiling)."""
+        return TRAIN_IMAGES[self.dataset] - self.val_size if self.ceiling_labels == -1 else self.ceiling_labels
 
     def job_config(self, num_labels: int, seed: int, supervised_only: bool, *layers: dict) -> FixMatchConfig:
         """The configuration of one job of the study, updated by ``layers``."""
@@ -66,8 +72,8 @@ def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
     """(method, label count, seed, supervised_only) of every run, the ceiling last."""
     runs = [(method, n, seed, method == "supervised-only") for n in cfg.label_counts for seed in cfg.seeds
             for method in ("fixmatch", "supervised-only")]
-    if cfg.ceiling_labels:
-        runs.append(("fully supervised", cfg.ceiling_labels, cfg.seeds[0], True))
+    if cfg.ceiling_count():
+        runs.append(("fully supervised", cfg.ceiling_count(), cfg.seeds[0], True))
     return runs
 
 
