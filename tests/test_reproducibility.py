@@ -1,5 +1,6 @@
 """Bit-identical re-runs: ``fmnist-book verify`` re-runs every smoke experiment from its record and finds
 every value of ``metrics.json`` identical; a changed value is reported by name; results are left untouched."""
+import dataclasses
 import hashlib
 import subprocess
 
@@ -29,7 +30,9 @@ def test_every_smoke_experiment_reproduces_bit_for_bit(smoke_book):
         assert f"{name}: compared exactly (bit for bit)" in verify.stdout
     assert verify.stdout.count("  REPRODUCED: ") == len(EXPERIMENTS)
     # The precision is named; where the CPU has bf16 units, the bf16 autocast runs repeat bit for bit too.
-    assert verify.stdout.count("  precision: dtype auto") == len(EXPERIMENTS)
+    assert verify.stdout.count("  precision: dtype ") == len(EXPERIMENTS)
+    with_dtype = [n for n, e in EXPERIMENTS.items() if "dtype" in {f.name for f in dataclasses.fields(e.config)}]
+    assert len(with_dtype) >= 4 and verify.stdout.count("  precision: dtype auto") == len(with_dtype)
     if cpu_bf16_support():
         assert "bf16 autocast for" in verify.stdout
     assert "DIFF" not in verify.stdout
