@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fmnist_core.core.metrics import cpu_description  # noqa: E402
 from fmnist_core.core.models import build_model  # noqa: E402
 from fmnist_core.core.train import autocast_context, cpu_bf16_support  # noqa: E402
 
@@ -108,16 +108,6 @@ def images_per_second(name: str, batch: int, seconds: float, rounds: int) -> dic
             "gain": round(bf16 / fp32, 2)}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help="networks to time (default: all)")
@@ -131,7 +121,7 @@ def main() -> int:
     record = json.loads(OUT.read_text()) if OUT.exists() else {}
     record.update({"what": "training images/s of one step (forward, float32 loss, backward, AdamW), float32 against "
                            "bf16 autocast + channels-last weights; written by bench/precision.py",
-                   "cpu": cpu_name(), "bf16_support": cpu_bf16_support(), "threads": args.threads,
+                   "cpu": cpu_description(), "bf16_support": cpu_bf16_support(), "threads": args.threads,
                    "torch": torch.__version__, "recorded": time.strftime("%Y-%m-%d")})
     models = record.setdefault("models", {})
     for name in names:
