@@ -5,7 +5,6 @@ a chapter whose run failed becomes a page that says what failed and how to re-ru
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import yaml
 from fmnist_core.pipeline.experiments import EXPERIMENTS
 from fmnist_core.core.io import read_json, write_bytes_atomic
 from fmnist_core.core.resources import project_file
-from fmnist_core.pipeline.reader_notebook import reader_notebook as _remove_parameters
+from fmnist_core.pipeline.reader_notebook import reader_notebook
 from fmnist_core.pipeline.rootbook import record_last_book
 from fmnist_core.pipeline.runner import failure_path, finished_key, get_profile
 
@@ -55,7 +54,7 @@ def _copy_chapter(name: str, profile: str, results_dir: Path, source: Path) -> b
     run_dir = results_dir / profile / name
     failure = failure_path(run_dir)
     if finished_key(run_dir) and not failure.exists():
-        page = _remove_parameters(run_dir / f"{name}.ipynb", downloads_markdown(name, run_dir, source))
+        page = reader_notebook(run_dir / f"{name}.ipynb", downloads_markdown(name, run_dir, source))
         write_bytes_atomic(source / f"{name}.ipynb", page.encode())
         return True
     if failure.exists():

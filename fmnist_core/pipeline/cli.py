@@ -83,8 +83,8 @@ def cmd_run(args) -> int:
     from fmnist_core.pipeline.executors import make_executor, run_with_executor
     variant = args.variant
     if variant is not None:
-        from fmnist_core.pipeline.runner import resolve_params
-        from fmnist_core.pipeline.variants import check_variant, derive_variant
+        from fmnist_core.pipeline.runner import check_variant, resolve_params
+        from fmnist_core.pipeline.variants import derive_variant
         resolve_params(args.experiment, args.profile, overrides)  # bad input first, before a name is derived
         if not overrides:
             raise FmnistBookError("--variant needs at least one override (-p NAME VALUE); without one the run is "
@@ -111,7 +111,7 @@ def cmd_build(args) -> int:
     from fmnist_core.pipeline.runner import profile_experiments
     from fmnist_core.pipeline.sweep import declared_sweeps
     get_profile(args.profile)
-    declared_sweeps(args.profile)  # a bad declared sweep is refused before anything runs
+    sweeps = declared_sweeps(args.profile)  # a bad declared sweep is refused before anything runs
     executor = make_executor(args, args.profile, args.results_dir)
     if executor is None:
         results = run_profile(args.profile, args.force, args.results_dir, args.data_dir)
@@ -119,7 +119,7 @@ def cmd_build(args) -> int:
         results = run_with_executor(executor, profile_experiments(args.profile), args.profile, None, args.force,
                                     args.results_dir, args.data_dir)
     from fmnist_core.pipeline.sweep_cli import run_declared_sweeps
-    results += run_declared_sweeps(args.profile, executor, args.force, args.results_dir, args.data_dir)
+    results += run_declared_sweeps(sweeps, executor, args.force, args.results_dir, args.data_dir)
     output = (args.output_dir or work_root() / "_build" / args.profile).resolve()
     index = book.build(args.profile, Path(args.results_dir).resolve(), output)
     failed = [r.run_dir.name for r in results if r.status == "failed"]

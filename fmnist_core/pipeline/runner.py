@@ -173,7 +173,7 @@ def run_experiment(experiment: str, profile: str = "quick", overrides: dict | No
     any) in place and records the error in ``<experiment>.failed.json`` for the book to show. ``prepared``:
     :func:`prepare_run` made the run folder (and an executor ran its jobs there): it is used as it is.
     ``variant``: the run goes to ``<experiment>@<variant>/`` beside the profile's run, which it never replaces
-    (:func:`fmnist_core.pipeline.variants.check_variant`).
+    (:func:`check_variant`).
     """
     results_dir = Path(results_dir).resolve()
     params = resolve_params(experiment, profile, overrides)

@@ -45,11 +45,12 @@ def cmd_sweep(args) -> int:
     return 1 if failed else 0
 
 
-def run_declared_sweeps(profile: str, executor, force: bool, results_dir, data_dir) -> list:
-    """``build``: run the sweeps ``profile`` declares (``sweeps:`` in ``profiles.yml``); their runs' results."""
-    from fmnist_core.pipeline.sweep import declared_sweeps, run_sweep
+def run_declared_sweeps(sweeps: list, executor, force: bool, results_dir, data_dir) -> list:
+    """``build``: run the sweeps a profile declares (planned by :func:`fmnist_core.pipeline.sweep.declared_sweeps`);
+    their runs' results."""
+    from fmnist_core.pipeline.sweep import run_sweep
     results = []
-    for sweep in declared_sweeps(profile):
+    for sweep in sweeps:
         results += run_sweep(sweep, executor, force, results_dir, data_dir)
     return results
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from fmnist_core.core.errors import ConfigError, FmnistBookError
 from fmnist_core.core.io import read_json
-from fmnist_core.pipeline.runner import MAX_VARIANT_LENGTH, VARIANT_PATTERN, check_variant  # noqa: F401
+from fmnist_core.pipeline.runner import MAX_VARIANT_LENGTH, check_variant
+
 
 def format_value(value) -> str:
     """A parameter value as a variant name writes it: ``0.8``, ``true``, ``mlp+lenet_avg`` for a list."""

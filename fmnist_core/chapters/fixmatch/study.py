@@ -72,8 +72,9 @@ def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
     """(method, label count, seed, supervised_only) of every run, the ceiling last."""
     runs = [(method, n, seed, method == "supervised-only") for n in cfg.label_counts for seed in cfg.seeds
             for method in ("fixmatch", "supervised-only")]
-    if cfg.ceiling_count():
-        runs.append(("fully supervised", cfg.ceiling_count(), cfg.seeds[0], True))
+    ceiling = cfg.ceiling_count()
+    if ceiling:
+        runs.append(("fully supervised", ceiling, cfg.seeds[0], True))
     return runs
 
 
