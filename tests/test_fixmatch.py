@@ -319,24 +319,48 @@ def quiet(*_):
     pass
 
 
-def linear_fixmatch(cfg: FixMatchConfig | None = None, device="cpu"):
-    """A :class:`FixMatch` on the toy data around a linear model (its own runnable)."""
+def linear_fixmatch(cfg: FixMatchConfig | None = None, device="cpu", batch_norm: bool = False):
+    """A :class:`FixMatch` on the toy data around a linear model (its own runnable), with batch norm or not."""
     ds = toy_dataset().to(device)
     split = Split(ds.train_images, ds.train_labels, ds.mean, ds.std)
     cfg = cfg or config()
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).to(device)
+    torch.manual_seed(0)
+    norm = [torch.nn.BatchNorm1d(28 * 28)] if batch_norm else []
+    model = torch.nn.Sequential(torch.nn.Flatten(), *norm, torch.nn.Linear(28 * 28, 10)).to(device)
     batches = FixMatchBatches(split, split, cfg.batch_size, cfg.mu, 0, cfg.supervised_only)
     return FixMatch(model, model, batches, split, cfg)
 
 
-def test_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
-    algo = linear_fixmatch()
-    sizes = []
-    algo.model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+def record_passes(algo) -> list[tuple[int, bool]]:
+    """(images, autograd on) of every forward pass of ``algo``'s model, as a list filled while it runs."""
+    passes = []
+    algo.model.register_forward_pre_hook(lambda module, args: passes.append((len(args[0]),
+                                                                             torch.is_grad_enabled())))
+    return passes
+
+
+def test_with_batch_norm_one_step_is_one_forward_pass_over_labeled_weak_and_strong_images():
+    algo = linear_fixmatch(batch_norm=True)
+    passes = record_passes(algo)
     loss, stats = algo.train_step(0, torch.Generator().manual_seed(0))
-    assert sizes == [8 + 2 * 16] and loss.requires_grad and loss.dim() == 0
+    assert passes == [(8 + 2 * 16, True)] and loss.requires_grad and loss.dim() == 0
     assert set(stats) == {"loss_x", "loss_u", "correct", "masked", "masked_correct"}
     assert all(s.dim() == 0 and not s.requires_grad for s in stats.values())  # summed by the loop, read once
+
+
+def test_without_batch_norm_the_weak_view_runs_apart_without_autograd_and_the_loss_is_the_joint_passs():
+    algo = linear_fixmatch(config(threshold=0.1))  # every pseudo-label counts: the strong view has gradients
+    passes = record_passes(algo)
+    loss, stats = algo.train_step(0, torch.Generator().manual_seed(0))
+    assert passes == [(16, False), (8 + 16, True)]
+    grads = torch.autograd.grad(loss, list(algo.model.parameters()))
+    algo.joint_forward = True  # the same batch (same generator seed) through one pass of all three views
+    joint, joint_stats = algo.train_step(0, torch.Generator().manual_seed(0))
+    assert passes[2:] == [(8 + 2 * 16, True)]
+    torch.testing.assert_close(loss, joint)
+    for ours, theirs in zip(grads, torch.autograd.grad(joint, list(algo.model.parameters()))):
+        torch.testing.assert_close(ours, theirs)
+    assert {k: v.item() for k, v in stats.items()} == pytest.approx({k: v.item() for k, v in joint_stats.items()})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is only observable on CUDA")

@@ -14,7 +14,8 @@ from torch import nn
 
 from fmnist_core.core.embed import embed_pca, embed_tsne
 
-__all__ = ["INPUT", "capture_activations", "separability", "embedding_trustworthiness", "layer_report"]
+__all__ = ["INPUT", "capture_activations", "separability", "reduce_features", "embedding_trustworthiness",
+           "layer_report"]
 
 INPUT = "input"  # pseudo-layer: the network's input itself, the baseline every layer is compared with
 
@@ -125,7 +126,8 @@ def _to_rows(t: torch.Tensor) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- scores
-def separability(features: np.ndarray, labels, k: int = 5, folds: int = 5, seed: int = 0) -> dict:
+def separability(features: np.ndarray, labels, k: int = 5, folds: int = 5, seed: int = 0,
+                 reduced: np.ndarray | None = None) -> dict:
     """How well the classes separate in a feature space: k-NN accuracy and silhouette.
 
     Parameters
@@ -140,6 +142,9 @@ def separability(features: np.ndarray, labels, k: int = 5, folds: int = 5, seed:
         Stratified cross-validation folds (shuffled with ``seed``).
     seed : int, default 0
         Seeds the fold assignment and the PCA reduction.
+    reduced : array, shape (N, 50), optional
+        The features' projection on their first 50 principal components, when the caller has it already
+        (:func:`reduce_features`); computed here otherwise.
 
     Returns
     -------
@@ -151,7 +156,6 @@ def separability(features: np.ndarray, labels, k: int = 5, folds: int = 5, seed:
         principal components (seeded randomised PCA), because distances in thousands of dimensions
         lose contrast and cost ``N^2 D``. Both values are Python floats.
     """
-    from sklearn.decomposition import PCA
     from sklearn.metrics import silhouette_score
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
@@ -162,11 +166,27 @@ def separability(features: np.ndarray, labels, k: int = 5, folds: int = 5, seed:
     knn = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     accuracy = cross_val_score(knn, features, labels, cv=cv).mean()
-    reduced = features
-    if features.shape[1] > SILHOUETTE_MAX_DIM and len(features) > SILHOUETTE_MAX_DIM:
-        reduced = PCA(n_components=SILHOUETTE_MAX_DIM, svd_solver="randomized",
-                      random_state=seed).fit_transform(features)
+    if reduced is None:
+        reduced = reduce_features(features, seed)[0]
     return {"knn_accuracy": float(accuracy), "silhouette": float(silhouette_score(reduced, labels))}
+
+
+def reduce_features(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """The features on their first 50 principal components (seeded randomised PCA) where they are wider.
+
+    Returns
+    -------
+    reduced : ndarray, shape (N, min(D, 50))
+        The projection, or ``features`` themselves when ``D <= 50`` (or ``N <= 50``).
+    explained_variance_ratio : ndarray of shape (50,), or None
+        The share of the variance of each component (``None`` when nothing was reduced).
+    """
+    from sklearn.decomposition import PCA
+    features = np.asarray(features).reshape(len(features), -1)
+    if features.shape[1] <= SILHOUETTE_MAX_DIM or len(features) <= SILHOUETTE_MAX_DIM:
+        return features, None
+    pca = PCA(n_components=SILHOUETTE_MAX_DIM, svd_solver="randomized", random_state=seed)
+    return pca.fit_transform(features), pca.explained_variance_ratio_
 
 
 def embedding_trustworthiness(features: np.ndarray, embedding: np.ndarray, n_neighbors: int = 10) -> float:
@@ -224,11 +244,18 @@ def layer_report(activations: dict, labels, perplexity: float = 30, seed: int = 
     embeddings, scores = {}, []
     for depth, (layer, features) in enumerate(activations.items()):
         features, labels = _features_and_labels(features, labels)
-        pca, ratio = embed_pca(features, seed=seed)
-        tsne = embed_tsne(features, perplexity=perplexity, seed=seed, n_jobs=n_jobs, n_iter=tsne_iter)
+        # One seeded PCA of a wide layer serves its 2-D map (the first two components), t-SNE's input and the
+        # silhouette: on a ResNet's 50,176-wide stages it is the costliest step, once instead of three times.
+        reduced, ratios = reduce_features(features, seed)
+        if ratios is None:
+            pca, ratio = embed_pca(features, seed=seed)
+        else:
+            pca, ratio = reduced[:, :2].astype(np.float32), ratios[:2]
+        tsne = embed_tsne(reduced, perplexity=perplexity, seed=seed, n_jobs=n_jobs, n_iter=tsne_iter,
+                          pca_dims=None)
         embeddings[layer] = {"pca": pca, "tsne": tsne}
         scores.append({"layer": layer, "depth": depth, "dim": int(features.shape[1]),
-                       **separability(features, labels, seed=seed),
+                       **separability(features, labels, seed=seed, reduced=reduced),
                        "tsne_trustworthiness": embedding_trustworthiness(features, tsne),
                        "pca_explained_variance": [float(r) for r in ratio]})
     return embeddings, scores

@@ -330,6 +330,11 @@ class FixMatchBatches:
 
 
 # ----------------------------------------------------------------------------------------- the algorithm
+def has_batch_norm(model: torch.nn.Module) -> bool:
+    """Whether any layer of ``model`` normalises with batch statistics (its output then depends on the batch)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 class FixMatch(Algorithm):
     """FixMatch as an :class:`~fmnist_core.core.loop.Algorithm`: a step draws its batch and computes the loss
     in one forward pass; the EMA of the weights is updated after every step and is the evaluated model.
@@ -359,6 +364,7 @@ class FixMatch(Algorithm):
         self.eval_batch_size = cfg.eval_batch_size
         self.unlabeled = 0 if cfg.supervised_only else cfg.mu * cfg.batch_size
         self.ema = EMA(model, cfg.ema_decay)
+        self.joint_forward = has_batch_norm(model)
 
     def train_step(self, step, generator):
         """Draw step ``step``'s batch (indices from the step, augmentation from ``generator``); its loss."""
@@ -368,22 +374,37 @@ class FixMatch(Algorithm):
         """The loss of ``batch`` (one forward pass over all its images) and its statistics: ``loss_x``,
         ``loss_u``, ``correct`` (unlabeled images whose pseudo-label is right), ``masked`` (confident unlabeled
         images) and ``masked_correct`` (confident and right), 0-dim tensors on the device."""
-        parts = [batch.labeled] if batch.weak is None else [batch.labeled, batch.weak, batch.strong]
         device = batch.labeled.device
         self.runnable.train()
-        with autocast_context(device, self.dtype):
-            logits = self.runnable(torch.cat(parts)).float()
         if batch.weak is None:
-            loss = F.cross_entropy(logits, batch.labels)
+            with autocast_context(device, self.dtype):
+                loss = F.cross_entropy(self.runnable(batch.labeled).float(), batch.labels)
             zero = torch.zeros((), device=device)
             return loss, {"loss_x": loss.detach(), "loss_u": zero, "correct": zero, "masked": zero,
                           "masked_correct": zero}
-        logits_x, logits_weak, logits_strong = logits.split([len(p) for p in parts])
+        logits_x, logits_weak, logits_strong = self.forward_views(batch)
         out = fixmatch_loss(logits_x, batch.labels, logits_weak, logits_strong, self.threshold, self.lambda_u)
         correct = (out["pseudo_labels"] == batch.true_labels).float()
         return out["loss"], {"loss_x": out["loss_x"].detach(), "loss_u": out["loss_u"].detach(),
                              "correct": correct.sum(), "masked": out["mask"].sum(),
                              "masked_correct": (correct * out["mask"]).sum()}
+
+    def forward_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 logits of the labeled, weak and strong images. With batch norm the three go through one
+        forward pass, as in the authors' code, so that the batch statistics cover every view. Without it a
+        network's outputs do not depend on the batch, and the weak view, whose pseudo-labels carry no
+        gradient, runs apart without autograd: the same logits, and a backward pass over two thirds of the
+        images instead of all of them."""
+        device = batch.labeled.device
+        with autocast_context(device, self.dtype):
+            if self.joint_forward:
+                parts = [batch.labeled, batch.weak, batch.strong]
+                return self.runnable(torch.cat(parts)).float().split([len(p) for p in parts])
+            with torch.no_grad():
+                logits_weak = self.runnable(batch.weak).float()
+            logits_x, logits_strong = self.runnable(torch.cat([batch.labeled, batch.strong])).float().split(
+                [len(batch.labeled), len(batch.strong)])
+        return logits_x, logits_weak, logits_strong
 
     def after_step(self, step):
         """One EMA update towards the weights just stepped."""
