@@ -313,3 +313,52 @@ def test_preempted_and_cancelled_slurm_jobs_resume_to_the_same_numbers(tmp_path,
     for job in inline:
         run_job(job, **QUIET)
         assert (run_dir / "runs" / job.label / "metrics.json").read_bytes() == (job.out_dir / "metrics.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------------- a profile's executor
+def executor_args(*argv: str):
+    """The ``build`` options of ``argv``, as the command line parses them."""
+    import argparse
+    from fmnist_core.pipeline.executors import add_executor_options
+    parser = argparse.ArgumentParser()
+    add_executor_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def with_profile_executor(monkeypatch, settings):
+    from fmnist_core.pipeline import runner
+    profiles = {"p": {"experiments": {}, **({"executor": settings} if settings is not None else {})}}
+    monkeypatch.setattr(runner, "load_profiles", lambda *a, **k: profiles)
+
+
+def test_a_profile_names_where_its_jobs_run_and_the_command_line_overrides_it(tmp_path, monkeypatch):
+    from fmnist_core.pipeline.executors import make_executor
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    with_profile_executor(monkeypatch, {"executor": "local", "workers": 4})
+    executor = make_executor(executor_args(), "p", tmp_path)
+    assert isinstance(executor, LocalExecutor) and len(executor.slots) == 4 and executor.threads == 1
+    assert make_executor(executor_args("--executor", "inline"), "p", tmp_path) is None
+    assert len(make_executor(executor_args("--workers", "2"), "p", tmp_path).slots) == 2
+    with_profile_executor(monkeypatch, None)
+    assert make_executor(executor_args(), "p", tmp_path) is None  # no setting: inline
+    with_profile_executor(monkeypatch, {"executor": "local"})
+    assert len(make_executor(executor_args(), "p", tmp_path).slots) == 2
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ("local", "'executor' must be a mapping"),
+    ({"executor": "slurm"}, "'executor.executor' must be one of inline, local, got 'slurm'"),
+    ({"executor": "local", "workers": 0}, "'executor.workers' must be a whole number of at least 1, got 0"),
+    ({"executor": "local", "workers": "two"}, "'executor.workers' must be a whole number"),
+    ({"executor": "local", "worker": 2}, "'executor' has no setting 'worker'"),
+])
+def test_a_bad_executor_setting_in_the_profile_file_is_refused_naming_file_and_profile(tmp_path, settings,
+                                                                                        expected):
+    import yaml
+    from fmnist_core.core.errors import ConfigError
+    from fmnist_core.pipeline import runner
+    path = tmp_path / "profiles.yml"
+    path.write_text(yaml.safe_dump({"p": {"experiments": {}, "executor": settings}}))
+    with pytest.raises(ConfigError) as info:
+        runner.load_profiles(path)
+    assert f"{path}: profile 'p'" in str(info.value) and expected in str(info.value)

@@ -124,16 +124,28 @@ def live_worker(job_dir: Path) -> int | None:
 
 # ---------------------------------------------------------------------------------------- pipeline
 def make_executor(args, profile: str, results_dir: Path):
-    """The executor that ``args`` (``--executor`` and its options) ask for; ``None`` for ``inline``."""
-    name = getattr(args, "executor", "inline") or "inline"
+    """The executor that ``args`` (``--executor`` and its options) ask for, else the profile's ``executor``
+    setting (:func:`profile_executor`); ``None`` for ``inline``."""
+    settings = {} if getattr(args, "executor", None) else profile_executor(profile)
+    name = getattr(args, "executor", None) or settings.get("executor", "inline")
     if name == "inline":
         return None
     if name == "local":
-        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-        return LocalExecutor(args.workers, gpus, getattr(args, "threads_per_worker", None))
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if getattr(args, "gpus", None) else None
+        workers = getattr(args, "workers", None) or settings.get("workers", DEFAULT_WORKERS)
+        threads = getattr(args, "threads_per_worker", None) or settings.get("threads_per_worker")
+        return LocalExecutor(workers, gpus, threads)
     from fmnist_core.pipeline.slurm import SlurmExecutor, options_from_args
     return SlurmExecutor(options_from_args(args), Path(results_dir).resolve() / profile / ".slurm",
                          reattach=reattach_command(args))
+
+
+DEFAULT_WORKERS = 2
+def profile_executor(profile: str) -> dict:
+    """Where ``profile`` runs its jobs when the command line names no ``--executor`` (its ``executor`` setting;
+    ``{}``: inline)."""
+    from fmnist_core.pipeline.runner import get_profile
+    return get_profile(profile).get("executor") or {}
 
 
 def reattach_command(args) -> str:
@@ -221,9 +233,11 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
 def add_executor_options(parser) -> None:
     """``--executor`` and its options, for ``run`` and ``build``."""
     group = parser.add_argument_group("where jobs run")
-    group.add_argument("--executor", choices=EXECUTORS, default="inline",
-                       help="inline: in the notebook (default); local: worker processes here; slurm: job arrays")
-    group.add_argument("--workers", type=int, default=2, help="local: jobs at a time (default 2)")
+    group.add_argument("--executor", choices=EXECUTORS, default=None,
+                       help="inline: in the notebook; local: worker processes here; slurm: job arrays "
+                            "(default: the profile's 'executor' setting, else inline)")
+    group.add_argument("--workers", type=int, default=None,
+                       help=f"local: jobs at a time (default: the profile's, else {DEFAULT_WORKERS})")
     group.add_argument("--gpus", default=None, help="local: one job per GPU of this list, e.g. 0,1,2,3")
     group.add_argument("--threads-per-worker", type=int, default=None,
                        help="local: CPU threads of each worker (default: the cores divided by the workers)")

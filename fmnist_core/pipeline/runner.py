@@ -60,7 +60,29 @@ def load_profiles(path: Path = PROFILES_PATH) -> dict:
         # `build` and the scale plan call before anything runs.
         if profile.get("sweeps") is not None and not isinstance(profile["sweeps"], list):
             raise ConfigError(f"{path}: profile {name!r}: 'sweeps' must be a list of sweeps")
+        if profile.get("executor") is not None:
+            check_profile_executor(profile["executor"], f"{path}: profile {name!r}")
     return profiles
+
+
+PROFILE_EXECUTOR_KEYS = {"executor": ("inline", "local"), "workers": int, "threads_per_worker": int}
+
+
+def check_profile_executor(settings, where: str) -> dict:
+    """A profile's ``executor`` setting, validated: ``{executor: inline | local[, workers: N]
+    [, threads_per_worker: N]}`` (Slurm needs a site's options, so it is chosen on the command line only)."""
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{where}: 'executor' must be a mapping such as {{executor: local, workers: 2}}")
+    for key, value in settings.items():
+        kind = PROFILE_EXECUTOR_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"{where}: 'executor' has no setting {key!r} "
+                              f"(known: {', '.join(PROFILE_EXECUTOR_KEYS)})")
+        if isinstance(kind, tuple) and value not in kind:
+            raise ConfigError(f"{where}: 'executor.{key}' must be one of {', '.join(kind)}, got {value!r}")
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: 'executor.{key}' must be a whole number of at least 1, got {value!r}")
+    return settings
 
 
 def get_profile(name: str, profiles: dict | None = None) -> dict:
