@@ -61,6 +61,38 @@ def test_a_failing_local_job_is_named_with_its_log_while_the_others_finish(tmp_p
     assert_one_named_failure(LocalExecutor(workers=2).run({"toy": jobs}, **QUIET), jobs)
 
 
+@pytest.mark.skipif(not __import__("fmnist_core.pipeline.job_server", fromlist=["x"]).fork_available(),
+                    reason="job servers fork their jobs on Linux only")
+def test_a_job_server_forks_each_job_from_one_process_that_imported_torch_once(tmp_path, tests_importable):
+    from flaky_jobs import FlakyConfig
+    from fmnist_core.pipeline.workers import JobServer, worker_env
+    jobs = [Job("flaky", FlakyConfig(seed=s, fail=s == 1), tmp_path / f"job{s}") for s in range(3)]
+    for job in jobs:
+        job.out_dir.mkdir(parents=True)
+        prepare_job(job)
+    server = JobServer(worker_env(threads=1))
+    try:
+        codes, pids = [], []
+        for job in jobs:
+            handle = server.start(job.out_dir, job_log(job.out_dir))
+            codes.append(handle.wait())
+            pids.append(handle.pid)
+        slow = Job("flaky", FlakyConfig(seed=5, sleep=60), tmp_path / "slow")
+        slow.out_dir.mkdir()
+        prepare_job(slow)
+        handle = server.start(slow.out_dir, job_log(slow.out_dir))
+        handle.terminate()  # as the executor does on Ctrl-C
+        assert handle.wait() != 0 and not slow.finished()
+        assert server.proc.poll() is None  # the server outlives its jobs
+    finally:
+        server.close()
+    assert codes == [0, 1, 0] and jobs[0].finished() and jobs[2].finished() and not jobs[1].finished()
+    assert "job asked to fail (seed 1)" in job_log(jobs[1].out_dir).read_text()
+    started = [json.loads((job.out_dir / "started.json").read_text())["pid"] for job in jobs]
+    assert started == pids and len(set(pids)) == 3 and server.proc.pid not in pids
+    assert worker_threads([jobs[0], jobs[2]]) == [1, 1]
+
+
 def worker_threads(jobs: list[Job]) -> list[int]:
     return [json.loads((job.out_dir / "metrics.json").read_text())["torch_threads"] for job in jobs]
 

@@ -25,8 +25,9 @@ from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
 from fmnist_core.core.io import PROJECT_ROOT, read_json
 from fmnist_core.core.jobs import FAILED_FILE, JOB_FILE, STARTED_FILE, Job, prepare_job, write_plan
 from fmnist_core.pipeline.experiments import get_experiment
-from fmnist_core.pipeline.workers import (JobFailure, default_threads, failure_reason, job_log, worker_command,
-                                          worker_env)
+from fmnist_core.pipeline.job_server import fork_available
+from fmnist_core.pipeline.workers import (JobFailure, JobServer, default_threads, failure_reason, job_log,
+                                          worker_command, worker_env)
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -57,16 +58,17 @@ class LocalExecutor:
         queue = longest_first([(study, job) for study, jobs in studies.items() for job in jobs])
         busy = [(study, job) for study, job in queue if live_worker(job.out_dir)]
         queue = [item for item in queue if item not in busy]  # one writer per job folder
-        total, running, free = len(queue), {}, list(self.slots)
+        total, running, free = len(queue), {}, list(range(len(self.slots)))
         failures = [JobFailure(study, job.label, job.out_dir, job_log(job.out_dir),
                                f"already running in process {live_worker(job.out_dir)} (an earlier command's "
                                "worker): wait for it, or stop it, then run this command again") for study, job in busy]
+        servers: dict[int, JobServer] = {}
         try:
             while queue or running:
                 while queue and free:
                     study, job = queue.pop(0)
                     slot = free.pop(0)
-                    running[self._start(job, slot, self.threads)] = (study, job, slot)
+                    running[self._start(job, slot, servers)] = (study, job, slot)
                 for proc in [p for p in running if p.poll() is not None]:
                     study, job, slot = running.pop(proc)
                     free.append(slot)
@@ -81,16 +83,24 @@ class LocalExecutor:
             log(f"interrupted: {len(running)} running job(s) stopped; their checkpoints stay, and running the "
                 "same command again resumes them")
             raise
+        finally:
+            for server in servers.values():
+                server.close()
         return failures
 
-    @staticmethod
-    def _start(job: Job, gpu: str | None, threads: int) -> subprocess.Popen:
-        log = open(job_log(job.out_dir), "ab")
-        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job.out_dir))}\n".encode())
-        log.flush()
-        with log:  # the child keeps its own descriptor
+    def _start(self, job: Job, slot: int, servers: dict):
+        """Start ``job`` on worker ``slot``: forked by the slot's job server (started on first use) where
+        :func:`~fmnist_core.pipeline.job_server.fork_available`, else in a fresh process."""
+        gpu, path = self.slots[slot], job_log(job.out_dir)
+        with open(path, "ab") as log:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(worker_command(job.out_dir))}\n".encode())
+            log.flush()  # before the job appends to it (a forked child opens it anew, a fresh one keeps this one)
+            if fork_available():
+                if slot not in servers:
+                    servers[slot] = JobServer(worker_env(gpu, self.threads))
+                return servers[slot].start(job.out_dir, path)
             return subprocess.Popen(worker_command(job.out_dir), stdout=log, stderr=subprocess.STDOUT,
-                                    env=worker_env(gpu, threads), cwd=PROJECT_ROOT)
+                                    env=worker_env(gpu, self.threads), cwd=PROJECT_ROOT)
 
     @staticmethod
     def _finished(study: str, job: Job, code: int, done: int, total: int, log) -> list[JobFailure]:

@@ -3,9 +3,11 @@ output in ``<job folder>.log`` beside its folder, and how a job that did not fin
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,73 @@ def worker_env(gpu: str | None = None, threads: int | None = None) -> dict:
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env[THREADS_ENV] = str(threads)
     return env
+
+
+class JobServer:
+    """A job server process (:mod:`fmnist_core.pipeline.job_server`) started with ``env``: it runs the jobs
+    given to :meth:`start` one at a time, each in a child forked from it."""
+
+    def __init__(self, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-m", "fmnist_core.pipeline.job_server"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, cwd=PROJECT_ROOT, text=True, bufsize=1)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.replies.put(line.split())
+        self.replies.put(None)  # the server has ended
+
+    def start(self, job_dir, log_path) -> "ForkedJob":
+        """Run the planned job in ``job_dir``, its output appended to ``log_path``; its handle."""
+        self.proc.stdin.write(f"{job_dir}\t{log_path}\n")
+        self.proc.stdin.flush()
+        return ForkedJob(self)
+
+    def close(self) -> None:
+        """End the server once its job (if any) has ended."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
+
+
+class ForkedJob:
+    """A job forked by a :class:`JobServer`, with the part of ``subprocess.Popen`` an executor uses: ``poll``,
+    ``terminate``, ``wait`` and ``returncode`` (the job's exit status; the server's if the server died)."""
+
+    def __init__(self, server: JobServer):
+        self.server, self.pid, self.returncode = server, None, None
+
+    def _take(self, block: bool, until_started: bool = False) -> None:
+        while self.returncode is None and not (until_started and self.pid is not None):
+            try:
+                reply = self.server.replies.get(block=block)
+            except queue.Empty:
+                return
+            if reply is None:
+                self.returncode = self.server.proc.wait() or 1
+            elif reply[0] == "started":
+                self.pid = int(reply[1])
+            elif reply[0] == "exit":
+                self.returncode = int(reply[1])
+
+    def poll(self) -> int | None:
+        self._take(block=False)
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._take(block=True, until_started=True)
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:  # it has just ended
+                pass
+
+    def wait(self) -> int:
+        self._take(block=True)
+        return self.returncode
 
 
 def default_threads(workers: int) -> int:
