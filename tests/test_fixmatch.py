@@ -572,6 +572,20 @@ def test_the_ceiling_takes_a_fixmatch_steps_images_for_its_own_steps(tmp_path):
         FixMatchStudyConfig.from_overrides(base, {"ceiling_steps": -1})
 
 
+def test_a_label_count_named_single_seed_runs_on_the_first_seed_only_and_the_protocol_says_so(tmp_path):
+    from fmnist_core.chapters.fixmatch.study import FixMatchStudyConfig, plan_jobs, protocol
+    base = {"device": "cpu", "steps": 40, "label_counts": [40, 4000], "seeds": [10, 11, 12], "ceiling_labels": 0}
+    cfg = FixMatchStudyConfig.from_overrides(base, {"single_seed_counts": [4000]})
+    runs = [(j.info["method"], j.info["num_labels"], j.info["seed"]) for j in plan_jobs(cfg, tmp_path)]
+    assert [r for r in runs if r[1] == 40] == [(m, 40, s) for s in (10, 11, 12) for m in ("fixmatch",
+                                                                                          "supervised-only")]
+    assert [r for r in runs if r[1] == 4000] == [("fixmatch", 4000, 10), ("supervised-only", 4000, 10)]
+    assert "3 seed(s) (10, 11, 12; at 4,000 labels the first only)" in protocol(cfg.to_dict())
+    assert "the first only" not in protocol(FixMatchStudyConfig.from_overrides(base).to_dict())
+    with pytest.raises(ConfigError, match="single_seed_counts"):
+        FixMatchStudyConfig.from_overrides(base, {"single_seed_counts": [250]})
+
+
 def test_end_of_run_diagnostics_average_the_last_logged_steps_over_seeds():
     def run(seed, values):
         return {"method": "fixmatch", "num_labels": 40, "seed": seed,

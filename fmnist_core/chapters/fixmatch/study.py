@@ -31,6 +31,8 @@ class FixMatchStudyConfig(FixMatchTraining):
 
     label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
+    single_seed_counts: list[int] = param([], "label counts run on the first seed only (a FixMatch job costs as "
+                                              "much at 4,000 labels as at 40, where the seeds spread most)")
     ceiling_labels: int = param(-1, "labels of the fully supervised ceiling: -1 = every training image outside the "
                                     "validation split, 0 = no ceiling run, else a multiple of 10 up to that many; it "
                                     "takes (1 + mu) B labeled images a step, as many as a FixMatch step sees")
@@ -47,10 +49,16 @@ class FixMatchStudyConfig(FixMatchTraining):
                                 f"({where}), got {self.label_counts}")
         require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
                 f"must list at least one seed, none negative, got {self.seeds}")
+        require(set(self.single_seed_counts) <= set(self.label_counts), "single_seed_counts",
+                f"must list some of label_counts {self.label_counts}, got {self.single_seed_counts}")
         require(self.ceiling_steps >= 0, "ceiling_steps", f"must be 0 (= steps) or positive, got {self.ceiling_steps}")
         require(self.ceiling_labels == -1 or (0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0),
                 "ceiling_labels", f"must be -1 (all), 0 (none) or a multiple of 10 up to {available:,} ({where}), "
                                   f"got {self.ceiling_labels}")
+
+    def seeds_at(self, num_labels: int) -> list[int]:
+        """The seeds run at ``num_labels``: the first only where ``single_seed_counts`` names it, else all."""
+        return self.seeds[:1] if num_labels in self.single_seed_counts else list(self.seeds)
 
     def ceiling_count(self) -> int:
         """The ceiling's labels: ``ceiling_labels``, with -1 read as every training image outside the validation
@@ -70,7 +78,7 @@ class FixMatchStudyConfig(FixMatchTraining):
 
 def planned_runs(cfg: FixMatchStudyConfig) -> list[tuple[str, int, int, bool]]:
     """(method, label count, seed, supervised_only) of every run, the ceiling last."""
-    runs = [(method, n, seed, method == "supervised-only") for n in cfg.label_counts for seed in cfg.seeds
+    runs = [(method, n, seed, method == "supervised-only") for n in cfg.label_counts for seed in cfg.seeds_at(n)
             for method in ("fixmatch", "supervised-only")]
     ceiling = cfg.ceiling_count()
     if ceiling:
@@ -169,12 +177,21 @@ def protocol(params: dict) -> str:
     unlabeled = params["mu"] * params["batch_size"]
     return (f"{params['steps']:,} steps of B = {params['batch_size']} labeled + μB = {unlabeled} unlabeled images "
             f"on {params['backbone']} at {', '.join(f'{n:,}' for n in params['label_counts'])} labels, "
-            f"{len(params['seeds'])} seed(s) ({', '.join(map(str, params['seeds']))}), an EMA evaluation every "
+            f"{len(params['seeds'])} seed(s) ({', '.join(map(str, params['seeds']))}"
+            f"{single_seed_words(params)}), an EMA evaluation every "
             f"{params['eval_every'] or params['steps']:,} steps ({evaluations:,} per run; the median of the last "
             f"{min(params['median_last'], evaluations)}), SGD learning rate η = {params['lr']:g}, "
             f"RandAugment {params['randaugment']}, Cutout "
             f"{params['cutout']}, {params['weak_padding']} padding; a validation split of {params['val_size']:,} "
             f"training images held out (never labeled, never unlabeled)")
+
+
+def single_seed_words(params: dict) -> str:
+    """``"; at 4,000 labels the first only"`` where the profile runs some label counts on one seed, else ``""``."""
+    counts = [n for n in params["label_counts"] if n in params.get("single_seed_counts", [])]
+    if not counts or len(params["seeds"]) < 2:
+        return ""
+    return f"; at {', '.join(f'{n:,}' for n in counts)} labels the first only"
 
 
 def selection_statement(params: dict) -> str:
