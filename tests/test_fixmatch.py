@@ -582,8 +582,10 @@ def test_a_label_count_named_single_seed_runs_on_the_first_seed_only_and_the_pro
     assert [r for r in runs if r[1] == 4000] == [("fixmatch", 4000, 10), ("supervised-only", 4000, 10)]
     assert "3 seed(s) (10, 11, 12; at 4,000 labels the first only)" in protocol(cfg.to_dict())
     assert "the first only" not in protocol(FixMatchStudyConfig.from_overrides(base).to_dict())
+    elsewhere = FixMatchStudyConfig.from_overrides(base, {"single_seed_counts": [250]})  # not run: no effect
+    assert len(plan_jobs(elsewhere, tmp_path)) == 12
     with pytest.raises(ConfigError, match="single_seed_counts"):
-        FixMatchStudyConfig.from_overrides(base, {"single_seed_counts": [250]})
+        FixMatchStudyConfig.from_overrides(base, {"single_seed_counts": [-40]})
 
 
 def test_end_of_run_diagnostics_average_the_last_logged_steps_over_seeds():

@@ -31,8 +31,9 @@ class FixMatchStudyConfig(FixMatchTraining):
 
     label_counts: list[int] = param([40, 250, 4000], "labeled images per run (the FixMatch report: 40, 250, 4000)")
     seeds: list[int] = param([0], "seeds; each draws its own labeled subset (label_seed = seed)")
-    single_seed_counts: list[int] = param([], "label counts run on the first seed only (a FixMatch job costs as "
-                                              "much at 4,000 labels as at 40, where the seeds spread most)")
+    single_seed_counts: list[int] = param([], "label counts run on the first seed only, where label_counts has them "
+                                              "(a FixMatch job costs as much at 4,000 labels as at 40, where the "
+                                              "seeds spread most)")
     ceiling_labels: int = param(-1, "labels of the fully supervised ceiling: -1 = every training image outside the "
                                     "validation split, 0 = no ceiling run, else a multiple of 10 up to that many; it "
                                     "takes (1 + mu) B labeled images a step, as many as a FixMatch step sees")
@@ -49,8 +50,9 @@ class FixMatchStudyConfig(FixMatchTraining):
                                 f"({where}), got {self.label_counts}")
         require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds",
                 f"must list at least one seed, none negative, got {self.seeds}")
-        require(set(self.single_seed_counts) <= set(self.label_counts), "single_seed_counts",
-                f"must list some of label_counts {self.label_counts}, got {self.single_seed_counts}")
+        # a count not in label_counts runs nowhere, so a profile's entry survives `-p label_counts [40]`
+        require(all(isinstance(n, int) and n > 0 for n in self.single_seed_counts), "single_seed_counts",
+                f"must list positive label counts, got {self.single_seed_counts}")
         require(self.ceiling_steps >= 0, "ceiling_steps", f"must be 0 (= steps) or positive, got {self.ceiling_steps}")
         require(self.ceiling_labels == -1 or (0 <= self.ceiling_labels <= available and self.ceiling_labels % 10 == 0),
                 "ceiling_labels", f"must be -1 (all), 0 (none) or a multiple of 10 up to {available:,} ({where}), "
