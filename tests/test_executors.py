@@ -153,6 +153,60 @@ def test_experiments_wait_for_the_runs_they_require():
         ["dataset", "classification", "fixmatch"], ["layerwise"]]
 
 
+def fake_pipeline(monkeypatch, seconds: dict):
+    """run_with_executor with stand-ins for the planner and the notebooks: each notebook sleeps ``seconds`` and
+    records when it ran; a study's jobs are recorded when they are run."""
+    from fmnist_core.pipeline import executors, runner
+    events, lock = [], threading.Lock()
+
+    def note(*what):
+        with lock:
+            events.append((time.perf_counter(), *what))
+
+    class Executor(LocalExecutor):
+        def run(self, studies, log=print):
+            note("jobs", tuple(studies))
+            return []
+
+    def notebook(experiment, *args, **kwargs):
+        note("start", experiment)
+        time.sleep(seconds.get(experiment, 0.05))
+        note("end", experiment)
+        return experiment
+
+    monkeypatch.setattr(executors, "plan_study", lambda e, *a, **k: ["job"] if e != "layerwise" else None)
+    monkeypatch.setattr(runner, "run_experiment", notebook)
+    return Executor, events
+
+
+def test_notebooks_run_side_by_side_as_soon_as_the_runs_they_need_are_done(monkeypatch, tmp_path):
+    from fmnist_core.pipeline.executors import run_with_executor
+    experiments = ["dataset", "classification", "layerwise", "vae", "semisupervised", "fixmatch"]
+    Executor, events = fake_pipeline(monkeypatch, {"classification": 0.1, "layerwise": 0.6, "semisupervised": 0.2})
+    assert run_with_executor(Executor(workers=2), experiments, "quick", results_dir=tmp_path, log=lambda *_: None) \
+        == experiments
+    at = {(kind, rest[0]): t for t, kind, *rest in events if kind != "jobs"}
+    assert events[0][1] == "jobs" and set(events[0][2]) == {"dataset", "classification", "vae", "semisupervised",
+                                                             "fixmatch"}
+    assert at["start", "layerwise"] >= at["end", "classification"]  # it requires classification's run
+    assert at["start", "fixmatch"] >= at["end", "semisupervised"]  # it reads the semi-supervised run
+    # Two lanes: layerwise starts as soon as classification is done and runs beside the other notebooks.
+    assert at["start", "vae"] < at["end", "layerwise"] and at["start", "semisupervised"] < at["end", "layerwise"]
+    running = 0
+    for _, kind, *_ in sorted(e for e in events if e[1] != "jobs"):
+        running += {"start": 1, "end": -1}[kind]
+        assert running <= 2
+
+
+def test_one_lane_runs_the_notebooks_one_after_the_other_in_order(monkeypatch, tmp_path):
+    from fmnist_core.pipeline.executors import run_with_executor
+    experiments = ["dataset", "classification", "layerwise", "vae", "semisupervised", "fixmatch"]
+    Executor, events = fake_pipeline(monkeypatch, {})
+    run_with_executor(Executor(workers=1), experiments, "quick", results_dir=tmp_path, log=lambda *_: None)
+    assert [e[2] for e in events if e[1] == "start"] == experiments
+    assert [e[1] for e in events if e[1] != "jobs"] == ["start", "end"] * len(experiments)
+
+
 # --------------------------------------------------------------------------- same bytes as inline
 SMALL_CLASSIFICATION = {"models": ["mlp", "lenet_avg"], "sgd_model": "", "budget_limited": []}
 

@@ -349,3 +349,61 @@ def test_the_job_key_covers_the_chapter_and_core_only():
     assert {"fmnist_core/chapters/semisupervised/model.py", "fmnist_core/core/loop.py", "fmnist_core/core/supervised.py",
             "fmnist_core/core/generative.py"} <= sources
     assert not any(part in path for path in sources for part in ("vae.py", "classification.py", "fixmatch"))
+
+
+def test_m2s_gate_keeps_the_unlabeled_bound_out_until_the_decoder_agrees_with_the_labels(monkeypatch):
+    ds, cfg = toy_dataset(), config(model="m2", m2_warmup=2, m2_gate_every=3)
+    checks = iter([(0.1, 0.5), (0.4, 0.5), (0.5, 0.5)])  # (decoder agreement, q(y|x) accuracy) per check
+    seen = []
+
+    def fake_agreement(model, x, y, generator, kl_weight):
+        seen.append(len(x))
+        return tuple(torch.tensor(v) for v in next(checks))
+
+    monkeypatch.setattr(semisup, "m2_agreement", fake_agreement)
+    data = semisup.semisup_splits(cfg, ds)
+    model = semisup.rebuild_semisup(semisup.semisup_meta(cfg, ds))
+    algo, generator = semisup.SemiSupervised(model, model, data, cfg), make_generator(0)
+    full = []
+    for step in range(12):
+        _, stats = algo.train_step(step, generator)
+        full.append(int(stats["full_objective"]))
+        assert (stats["unlabeled"] != 0) == bool(full[-1])
+    assert full == [0] * 8 + [1] * 4  # checks at steps 2, 5 and 8; open from the first that agrees
+    assert seen == [min(semisup.M2_DIAGNOSTIC_IMAGES, cfg.val_size)] * 3 and algo.full_from == 8
+    fresh = semisup.SemiSupervised(model, model, data, cfg)
+    fresh.load_state_dict(algo.state_dict())
+    assert fresh.full_from == 8
+
+
+def test_without_a_gate_m2_takes_the_full_objective_from_the_end_of_its_warm_up():
+    ds, cfg = toy_dataset(), config(model="m2", m2_warmup=3)
+    data = semisup.semisup_splits(cfg, ds)
+    model = semisup.rebuild_semisup(semisup.semisup_meta(cfg, ds))
+    algo, generator = semisup.SemiSupervised(model, model, data, cfg), make_generator(0)
+    assert [int(algo.train_step(step, generator)[1]["full_objective"]) for step in range(5)] == [0, 0, 0, 1, 1]
+
+
+def test_the_page_reads_when_m2s_full_objective_began_from_the_history():
+    records = [{"step": 32, "train_full_objective": 0.0}, {"step": 64, "train_full_objective": 0.25}]
+    assert study.full_objective_from(records, 16) == 56
+    assert study.full_objective_from([{"step": 32, "train_full_objective": 0.0}], 16) is None
+    assert study.full_objective_from([{"step": 32}, {"step": 64}], 48) == 48  # a history from before the gate
+    shut = [{"run": "m2_a", "phase": "labeled only"}, {"run": "m2_b", "phase": "labeled only"}]
+    assert "stayed shut in all 2 M2 runs" in study.m2_schedule_words(16, 8, shut)
+    opened = shut + [{"run": "m2_b", "phase": "full objective from step 56"}]
+    assert "opened in 1 of 2 M2 runs: m2_b, full objective from step 56." in study.m2_schedule_words(16, 8, opened)
+    assert "gate" not in study.m2_schedule_words(48, 0, shut)
+    assert "from the first step, as Kingma" in study.m2_schedule_words(0, 0, [])
+
+
+def test_m2_agreement_is_the_share_of_images_whose_lowest_bound_is_their_label():
+    torch.manual_seed(0)
+    model = semisup.M2(**SMALL).eval()
+    x, y = unit_batch(12)
+    agreement, accuracy = semisup.m2_agreement(model, x, y, make_generator(0))
+    assert 0 <= float(agreement) <= 1 and float(accuracy) == float((model.classify(x).argmax(1) == y).float().mean())
+    # without a generator z is the mean: the same bounds whichever way they are batched
+    agreement, _ = semisup.m2_agreement(model, x, y)
+    bounds = torch.stack([semisup.m2_labeled_bound(model, x, torch.full_like(y, k)) for k in range(10)])
+    assert float(agreement) == pytest.approx(float((bounds.argmin(0) == y).float().mean()))

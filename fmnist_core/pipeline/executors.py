@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from fmnist_core.core.errors import ConfigError, FmnistBookError, RunError
@@ -206,38 +207,102 @@ def waves(experiments: list[str]) -> list[list[str]]:
     return groups
 
 
+def notebook_lanes(executor) -> int:
+    """How many notebooks ``executor``'s pipeline runs side by side: a local executor's workers (the jobs are done
+    by then, and a notebook that only gathers leaves a core idle much of the time), else one."""
+    return len(executor.slots) if isinstance(executor, LocalExecutor) and executor.slots[0] is None else 1
+
+
 def run_with_executor(executor, experiments: list[str], profile: str, overrides=None, force=False,
                       results_dir=None, data_dir=None, log=print, variant: str | None = None) -> list:
-    """Run the jobs of ``experiments`` through ``executor``, then their notebooks (which only gather), wave by
-    wave (:func:`waves`); a study with a failed job is recorded as failed, naming the job and its log.
-    ``variant``: the runs are that variant of each experiment (``<experiment>@<variant>/``)."""
-    from fmnist_core.pipeline.runner import DEFAULT_RESULTS, RunResult, _record_failure, run_experiment, run_name
+    """Run the jobs of ``experiments`` through ``executor``, then their notebooks (which only gather).
+
+    An experiment's jobs are planned once the runs it ``requires`` have finished (:func:`waves`); its notebook
+    runs once its jobs are done and so are the runs it requires or reads among ``experiments``. Up to
+    :func:`notebook_lanes` notebooks run at a time, started in the order of ``experiments`` (with one lane, one
+    after the other in this thread). A study with a failed job is recorded as failed, naming the job and its log.
+    ``variant``: the runs are that variant of each experiment (``<experiment>@<variant>/``). The results come
+    in the order of ``experiments``."""
+    from fmnist_core.pipeline.runner import DEFAULT_RESULTS
     results_dir = Path(results_dir or DEFAULT_RESULTS).resolve()
     if data_dir:  # the workers read the data where the notebooks would
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
-    results = []
-    for group in waves(experiments):
-        planned = {e: plan_study(e, profile, overrides, force, results_dir, variant) for e in group}
+    run = _NotebookRun(executor, profile, overrides, force, results_dir, data_dir, log, variant)
+    order = {e: i for i, e in enumerate(experiments)}
+    pending, waiting, running, done = list(experiments), [], {}, {}
+    lanes = notebook_lanes(executor)
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="fmnist-notebook") if lanes > 1 else None
+    try:
+        while pending or waiting or running:
+            unfinished = set(pending) | set(waiting) | set(running.values())
+            group = [e for e in pending if not set(get_experiment(e).requires) & unfinished]
+            if group:  # their jobs first, all of them together
+                run.jobs(group)
+                pending, waiting = [e for e in pending if e not in group], sorted(waiting + group, key=order.get)
+                continue
+            ready = [e for e in waiting if not set(_notebook_needs(e)) & (unfinished - {e})]
+            if not (ready or running):
+                if not waiting:
+                    raise ConfigError(f"experiments {', '.join(pending)} require each other")
+                ready = waiting[:1]  # experiments that read each other: the first in order goes first
+            for experiment in ready[:lanes - len(running)]:
+                waiting.remove(experiment)
+                if pool is None:
+                    done[experiment] = run.notebook(experiment)
+                else:
+                    running[pool.submit(run.notebook, experiment)] = experiment
+            if running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    done[running.pop(future)] = future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return [done[e] for e in experiments]
+
+
+def _notebook_needs(experiment: str) -> tuple[str, ...]:
+    exp = get_experiment(experiment)
+    return exp.requires + exp.reads
+
+
+class _NotebookRun:
+    """The two halves of :func:`run_with_executor` for one experiment: its jobs, then its notebook."""
+
+    def __init__(self, executor, profile, overrides, force, results_dir, data_dir, log, variant):
+        self.executor, self.profile, self.overrides, self.force = executor, profile, overrides, force
+        self.results_dir, self.data_dir, self.log, self.variant = results_dir, data_dir, log, variant
+        self.planned: dict = {}
+        self.failures: list = []
+
+    def jobs(self, group: list[str]) -> None:
+        """Plan the jobs of ``group`` and run them all through the executor."""
+        planned = {e: plan_study(e, self.profile, self.overrides, self.force, self.results_dir, self.variant)
+                   for e in group}
+        self.planned.update(planned)
         studies = {e: jobs for e, jobs in planned.items() if jobs}
         if studies:
-            log(f"{executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} [{profile}]"
-                + (f"; {executor.describe()}" if hasattr(executor, "describe") else ""))
-        failures = executor.run(studies, log) if studies else []
-        for experiment in group:
-            failed = [f for f in failures if f.study == experiment]
-            if failed:
-                error = "; ".join(f.describe() for f in failed)
-                results.append(_record_failure(results_dir / profile / run_name(experiment, variant), experiment,
-                                               profile, error, variant=variant, overrides=overrides))
-                log(f"{experiment} [{profile}]: FAILED: {error}")
-                continue
-            try:
-                results.append(run_experiment(experiment, profile, overrides, force, results_dir, data_dir, log,
-                                              prepared=planned[experiment] is not None, variant=variant))
-            except RunError as err:
-                results.append(RunResult(experiment, "failed", results_dir / profile / run_name(experiment, variant),
-                                         error=str(err)))
-    return results
+            self.log(f"{self.executor.name}: {sum(map(len, studies.values()))} job(s) of {', '.join(studies)} "
+                     f"[{self.profile}]" + (f"; {self.executor.describe()}" if hasattr(self.executor, "describe")
+                                            else ""))
+            self.failures += self.executor.run(studies, self.log)
+
+    def notebook(self, experiment: str):
+        """The notebook of ``experiment`` (its run recorded as failed if one of its jobs failed)."""
+        from fmnist_core.pipeline.runner import RunResult, _record_failure, run_experiment, run_name
+        final = self.results_dir / self.profile / run_name(experiment, self.variant)
+        failed = [f for f in self.failures if f.study == experiment]
+        if failed:
+            error = "; ".join(f.describe() for f in failed)
+            self.log(f"{experiment} [{self.profile}]: FAILED: {error}")
+            return _record_failure(final, experiment, self.profile, error, variant=self.variant,
+                                   overrides=self.overrides)
+        try:
+            return run_experiment(experiment, self.profile, self.overrides, self.force, self.results_dir,
+                                  self.data_dir, self.log, prepared=self.planned.get(experiment) is not None,
+                                  variant=self.variant)
+        except RunError as err:
+            return RunResult(experiment, "failed", final, error=str(err))
 
 
 def add_executor_options(parser) -> None:

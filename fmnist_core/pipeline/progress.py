@@ -149,7 +149,9 @@ class ProgressView:
     def __init__(self, run_dir, title: str, stream=None, every: float = 10.0, tty: bool | None = None):
         self.run_dir, self.title, self.every = Path(run_dir), title, every
         self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty() if tty is None else tty
+        # Bars only from the main thread: notebooks run side by side (from other threads) print lines.
+        self.tty = (self.stream.isatty() and threading.current_thread() is threading.main_thread()) \
+            if tty is None else tty
         self.started, self.clock0 = time.time(), time.perf_counter()
         self.reported: set[Path] = set()
         self.last_line = -float("inf")

@@ -109,6 +109,10 @@ class SemiSupParams(Config):
                               "x cross-entropy, no unlabeled bound), so that the decoder learns what each class looks "
                               "like before U(x) steers q(y | x) towards the class it reconstructs best; 0 = none "
                               "(Kingma et al.'s objective from the first step)")
+    m2_gate_every: int = param(0, "M2: after the warm-up, keep the unlabeled bound out until the decoder's best class "
+                                  "agrees with the labels of the diagnostic validation images at least as often as "
+                                  "q(y | x) is right, checked every this many steps; 0 = no gate (the full objective "
+                                  "from step m2_warmup)")
     unlabeled_ratio: int = param(1, "unlabeled images per labeled image in each step")
     tta: int = param(8, "test-time augmentation: average softmax over this many extra shifted/flipped copies")
 
@@ -131,6 +135,8 @@ class SemiSupParams(Config):
             require(getattr(self, name) >= 0, name, f"must be non-negative, got {getattr(self, name)}")
         require(self.unlabeled_ratio >= 1, "unlabeled_ratio", f"must be at least 1, got {self.unlabeled_ratio}")
         require(self.m2_warmup >= 0, "m2_warmup", f"must be 0 (none) or a number of steps, got {self.m2_warmup}")
+        require(self.m2_gate_every >= 0, "m2_gate_every",
+                f"must be 0 (no gate) or a number of steps, got {self.m2_gate_every}")
         require(self.tta >= 0, "tta", "must be non-negative")
 
 
@@ -484,6 +490,24 @@ def _flat_grad(value: torch.Tensor, params: list) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
 
+def m2_agreement(model: M2, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+                 kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's agreement and q(y | x)'s accuracy on images ``x`` with labels ``y`` (0-dim tensors, float32,
+    eval mode, no gradients): the share of ``x`` whose best class under the decoder, argmin_y L(x, y), is ``y``,
+    and the share that q(y | x) classifies right."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        n, k = len(x), model.num_classes
+        classes = torch.arange(k, device=x.device).repeat_interleave(n)
+        bounds = _m2_bound(model, model.features(x).repeat(k, 1), x.repeat(k, 1, 1, 1), classes, generator,
+                           kl_weight, "bce").view(k, n)
+        agreement = (bounds.argmin(0) == y).float().mean()
+        q_accuracy = (model.classify(x).argmax(1) == y).float().mean()
+    model.train(was_training)
+    return agreement, q_accuracy
+
+
 def m2_diagnostics(model: M2, x: torch.Tensor, y: torch.Tensor, x_unlabeled: torch.Tensor, alpha: float,
                    generator: torch.Generator | None = None, kl_weight: float = 1.0) -> dict:
     """Why M2 learns or does not: two figures of a trained (or training) model, in float32.
@@ -495,15 +519,9 @@ def m2_diagnostics(model: M2, x: torch.Tensor, y: torch.Tensor, x_unlabeled: tor
       parameters over that of ``alpha`` x the mean cross-entropy of (``x``, ``y``): how much more the unlabeled
       bound than the labels steers the classifier.
     """
+    agreement, q_accuracy = m2_agreement(model, x, y, generator, kl_weight)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        n, k = len(x), model.num_classes
-        classes = torch.arange(k, device=x.device).repeat_interleave(n)
-        bounds = _m2_bound(model, model.features(x).repeat(k, 1), x.repeat(k, 1, 1, 1), classes, generator,
-                           kl_weight, "bce").view(k, n)
-        agreement = (bounds.argmin(0) == y).float().mean()
-        q_accuracy = (model.classify(x).argmax(1) == y).float().mean()
     params = [p for p in model.q_y.parameters() if p.requires_grad]
     with torch.autocast(x.device.type, enabled=False):
         g_u = _flat_grad(m2_unlabeled_bound(model, x_unlabeled, generator, kl_weight).mean(), params)
@@ -638,7 +656,8 @@ class SemiSupervised(Algorithm):
         self.dtype = resolve_dtype(cfg.dtype, data.labeled.images.device, cfg.model)
         self.step_fn, self.uses_unlabeled = make_step(cfg), cfg.model != "encoder_only"
         self.m2 = cfg.model == "m2"
-        self.warmup = cfg.m2_warmup if self.m2 else 0
+        self.warmup, self.gate_every = (cfg.m2_warmup, cfg.m2_gate_every) if self.m2 else (0, 0)
+        self.full_from = None if self.gate_every else self.warmup  # first step of the full objective (None: not yet)
         self.alpha, self.kl_weight = classification_weight(cfg), cfg.kl_weight
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.pool))
         self.u_order, self.l_order, self.l_next = None, None, 0
@@ -658,11 +677,27 @@ class SemiSupervised(Algorithm):
         l_index = self._labeled_index(generator)
         xl = _unit_batch(self.labeled.images[l_index], self.augment, generator)
         xu = _unit_batch(self.pool[u_index], self.augment, generator) if self.uses_unlabeled else None
-        if step < self.warmup:  # M2's labeled-only warm-up: no unlabeled bound yet
+        full = self._full_objective(step)
+        if not full:  # M2's labeled-only warm-up (or its gate still shut): no unlabeled bound
             xu = xu[:0]
         self.runnable.train()
         losses = self.step_fn(self.runnable, xl, self.labeled.labels[l_index], xu, generator)
-        return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
+        logs = {k: v.detach() for k, v in losses.items() if k != "loss"}
+        if self.m2:  # the share of an interval's steps on the full objective
+            logs["full_objective"] = torch.tensor(float(full), device=xl.device)
+        return losses["loss"], logs
+
+    def _full_objective(self, step: int) -> bool:
+        """Whether step ``step`` takes the unlabeled bound: from ``full_from`` on; with M2's gate, ``full_from`` is
+        the first check (every ``gate_every`` steps after the warm-up) at which the decoder's best class agrees
+        with the diagnostic validation images' labels at least as often as q(y | x) is right."""
+        if self.full_from is None and step >= self.warmup and (step - self.warmup) % self.gate_every == 0:
+            n = min(M2_DIAGNOSTIC_IMAGES, len(self.val.labels))
+            agreement, q_accuracy = m2_agreement(self.model, to_unit(self.val.images[:n]), self.val.labels[:n],
+                                                 make_generator(0, self.pool.device), self.kl_weight)
+            if agreement >= q_accuracy:
+                self.full_from = step
+        return self.full_from is not None and step >= self.full_from
 
     def evaluate(self):
         stats = evaluate(self.view, self.val, self.eval_batch_size, self.dtype)
@@ -675,10 +710,11 @@ class SemiSupervised(Algorithm):
         return out
 
     def state_dict(self):
-        return {"u_order": self.u_order, "l_order": self.l_order, "l_next": self.l_next}
+        return {"u_order": self.u_order, "l_order": self.l_order, "l_next": self.l_next, "full_from": self.full_from}
 
     def load_state_dict(self, state):
         self.u_order, self.l_order, self.l_next = state["u_order"], state["l_order"], state["l_next"]
+        self.full_from = state.get("full_from", self.full_from)
 
 
 def semisup_meta(cfg: SemiSupConfig, ds: ImageDataset) -> dict:

@@ -190,13 +190,58 @@ def m2_diagnostic_rows(run_dir, results: StudyResults) -> list[dict]:
             continue
         seen.add(row["run"])
         job = read_json(Path(run_dir) / "models" / row["run"] / "job.json")["config"]
-        for record in read_json(Path(run_dir) / "models" / row["run"] / "history.json"):
+        records = read_json(Path(run_dir) / "models" / row["run"] / "history.json")
+        start = full_objective_from(records, job["m2_warmup"])
+        for record in records:
             if record.get("val_decoder_agreement") is None:
                 continue
-            out.append({"run": row["run"], "alpha": job["alpha"], "step": record["step"],
-                        "phase": "warm-up" if record["step"] <= job["m2_warmup"] else "full objective",
+            phase = ("labeled only" if start is None or record["step"] <= start
+                     else f"full objective from step {start:,}")
+            out.append({"run": row["run"], "alpha": job["alpha"], "step": record["step"], "phase": phase,
                         **{k: record[k] for k in M2_DIAGNOSTICS}})
     return out
+
+
+def m2_schedule_words(warmup: int, gate_every: int, rows: list[dict]) -> str:
+    """The page's sentences on M2's schedule: its labeled-only warm-up, its gate and, from
+    :func:`m2_diagnostic_rows` ``rows``, in which runs the unlabeled bound took part."""
+    if not warmup and not gate_every:
+        return "M2 trains on the full objective from the first step, as Kingma et al. did (`m2_warmup` = 0)."
+    words = (f"Here M2 first trains {warmup:,} steps on the labeled images alone (labeled bound and α × "
+             "cross-entropy: the `m2_warmup` parameter), so that its decoder learns what each class looks like "
+             "before U(x) steers the classifier; Kingma et al. train on the full objective from the first step.")
+    if not gate_every:
+        return words
+    phases = {}
+    for row in rows:
+        phases.setdefault(row["run"], row["phase"])
+        if row["phase"] != "labeled only":
+            phases[row["run"]] = row["phase"]
+    opened = {run: phase for run, phase in phases.items() if phase != "labeled only"}
+    words += (f" Then a gate (`m2_gate_every` = {gate_every}) checks every {gate_every} steps whether the decoder's "
+              "best class agrees with these validation images' labels at least as often as q(y|x) is right, and "
+              "lets U(x) in only from then on. ")
+    if not opened:
+        return words + (f"It stayed shut in all {len(phases)} M2 runs: at this budget no unlabeled image entered "
+                        "M2's objective, so its classifier is q(y|x) trained on α × cross-entropy alone (with "
+                        "Adam, whose steps do not scale with the loss, close to the encoder trained on labels "
+                        "only) and the comparison with that encoder measures no use of unlabeled images.")
+    return words + f"It opened in {len(opened)} of {len(phases)} M2 runs: " + "; ".join(
+        f"{run}, {phase}" for run, phase in opened.items()) + "."
+
+
+def full_objective_from(records: list[dict], warmup: int) -> int | None:
+    """The steps an M2 run took before its first step on the full objective (None: none in the run), from the
+    share ``train_full_objective`` of each history interval's steps (histories without it: ``warmup``)."""
+    previous = 0
+    for record in records:
+        share = record.get("train_full_objective")
+        if share is None:
+            return warmup if records and records[-1]["step"] > warmup else None
+        if share > 0:
+            return record["step"] - round(share * (record["step"] - previous))
+        previous = record["step"]
+    return None
 
 
 def test_split(cfg: SemiSupStudyConfig, ds: ImageDataset) -> Split:
