@@ -144,3 +144,23 @@ def test_a_kill_between_the_renames_of_a_swap_is_repaired(tmp_path, new_run_fini
     runner.recover_interrupted_swap(final)
     assert runner.finished_key(final) == ("new" if new_run_finished else "previous")
     assert not old.exists()
+
+
+def test_a_notebook_runs_in_its_run_folder_and_leaves_the_process_where_it_is(tmp_path, monkeypatch):
+    """Notebooks run side by side in threads: papermill's `cwd` would move the whole process under them."""
+    import os
+
+    import nbformat
+    probe = tmp_path / "probe.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os, pathlib\npathlib.Path('cwd.txt').write_text(os.getcwd())")], metadata={
+        "kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
+        "language_info": {"name": "python"}}), probe)
+    monkeypatch.setattr(runner, "notebook_path", lambda experiment: probe)
+    moves, chdir = [], os.chdir
+    monkeypatch.setattr(os, "chdir", lambda path: (moves.append(path), chdir(path)))
+    run_dir, before = tmp_path / "probe.partial", os.getcwd()
+    run_dir.mkdir()
+    runner.execute_notebook("probe", "smoke", {}, run_dir, tmp_path, None)
+    assert (run_dir / "cwd.txt").read_text() == str(run_dir.resolve())
+    assert set(moves) <= {before} and os.getcwd() == before  # papermill returns to where it started, always

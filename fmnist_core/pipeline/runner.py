@@ -366,7 +366,11 @@ def execute_notebook(experiment, profile, params, run_dir: Path, results_dir: Pa
     papermill.execute_notebook(
         str(notebook_path(experiment)), str(run_dir / f"{experiment}.ipynb"),
         parameters={"profile": profile, "params": params, "run_dir": str(run_dir), "results_dir": str(results_dir)},
-        kernel_name="python3", progress_bar=False, cwd=str(run_dir), log_output=False, shutdown_kernel="immediate",
+        kernel_name="python3", progress_bar=False, log_output=False, shutdown_kernel="immediate",
+        # The kernel starts in the run folder (nbclient's resources path), and this process stays where it is:
+        # papermill's own `cwd` changes the whole process's directory for the run, which notebooks running side by
+        # side in threads (fmnist_core.pipeline.executors) would change under one another.
+        resources={"metadata": {"path": str(run_dir)}},
         # The kernel's own start-up chatter (a local TCP kernel) is not the notebook's; errors still show.
         extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
