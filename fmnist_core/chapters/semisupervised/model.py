@@ -684,7 +684,7 @@ class SemiSupervised(Algorithm):
         losses = self.step_fn(self.runnable, xl, self.labeled.labels[l_index], xu, generator)
         logs = {k: v.detach() for k, v in losses.items() if k != "loss"}
         if self.m2:  # the share of an interval's steps on the full objective
-            logs["full_objective"] = torch.tensor(float(full), device=xl.device)
+            logs["full_objective"] = xl.new_full((), float(full))
         return losses["loss"], logs
 
     def _full_objective(self, step: int) -> bool:
