@@ -208,8 +208,8 @@ def waves(experiments: list[str]) -> list[list[str]]:
 
 
 def notebook_lanes(executor) -> int:
-    """How many notebooks ``executor``'s pipeline runs side by side: a local executor's workers (the jobs are done
-    by then, and a notebook that only gathers leaves a core idle much of the time), else one."""
+    """How many notebooks ``executor``'s pipeline runs side by side: a local executor's CPU workers (a notebook
+    that only gathers leaves a core idle much of the time, beside the jobs still running), else one."""
     return len(executor.slots) if isinstance(executor, LocalExecutor) and executor.slots[0] is None else 1
 
 
@@ -217,7 +217,8 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
                       results_dir=None, data_dir=None, log=print, variant: str | None = None) -> list:
     """Run the jobs of ``experiments`` through ``executor``, then their notebooks (which only gather).
 
-    An experiment's jobs are planned once the runs it ``requires`` have finished (:func:`waves`); its notebook
+    An experiment's jobs are planned once the runs it ``requires`` have finished (:func:`waves` refuses a cycle
+    first); its notebook
     runs once its jobs are done and so are the runs it requires or reads among ``experiments``. Up to
     :func:`notebook_lanes` notebooks run at a time, started in the order of ``experiments`` (with one lane, one
     after the other in this thread). A study with a failed job is recorded as failed, naming the job and its log.
@@ -227,6 +228,7 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
     results_dir = Path(results_dir or DEFAULT_RESULTS).resolve()
     if data_dir:  # the workers read the data where the notebooks would
         os.environ["FMNIST_DATA_DIR"] = str(Path(data_dir).resolve())
+    waves(experiments)  # a ConfigError if their requirements form a cycle
     run = _NotebookRun(executor, profile, overrides, force, results_dir, data_dir, log, variant)
     order = {e: i for i, e in enumerate(experiments)}
     pending, waiting, running, done = list(experiments), [], {}, {}
@@ -241,10 +243,8 @@ def run_with_executor(executor, experiments: list[str], profile: str, overrides=
                 pending, waiting = [e for e in pending if e not in group], sorted(waiting + group, key=order.get)
                 continue
             ready = [e for e in waiting if not set(_notebook_needs(e)) & (unfinished - {e})]
-            if not (ready or running):
-                if not waiting:
-                    raise ConfigError(f"experiments {', '.join(pending)} require each other")
-                ready = waiting[:1]  # experiments that read each other: the first in order goes first
+            if not (ready or running):  # experiments that read each other: the first in order goes first
+                ready = waiting[:1]
             for experiment in ready[:lanes - len(running)]:
                 waiting.remove(experiment)
                 if pool is None:

@@ -658,6 +658,9 @@ class SemiSupervised(Algorithm):
         self.m2 = cfg.model == "m2"
         self.warmup, self.gate_every = (cfg.m2_warmup, cfg.m2_gate_every) if self.m2 else (0, 0)
         self.full_from = None if self.gate_every else self.warmup  # first step of the full objective (None: not yet)
+        n = min(M2_DIAGNOSTIC_IMAGES, len(self.val.labels))  # M2's gate and diagnostics: the same images every time
+        self.diagnostic_val = (to_unit(self.val.images[:n]), self.val.labels[:n]) if self.m2 else None
+        self.diagnostic_pool = to_unit(self.pool[:n]) if self.m2 else None
         self.alpha, self.kl_weight = classification_weight(cfg), cfg.kl_weight
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.pool))
         self.u_order, self.l_order, self.l_next = None, None, 0
@@ -692,9 +695,8 @@ class SemiSupervised(Algorithm):
         the first check (every ``gate_every`` steps after the warm-up) at which the decoder's best class agrees
         with the diagnostic validation images' labels at least as often as q(y | x) is right."""
         if self.full_from is None and step >= self.warmup and (step - self.warmup) % self.gate_every == 0:
-            n = min(M2_DIAGNOSTIC_IMAGES, len(self.val.labels))
-            agreement, q_accuracy = m2_agreement(self.model, to_unit(self.val.images[:n]), self.val.labels[:n],
-                                                 make_generator(0, self.pool.device), self.kl_weight)
+            agreement, q_accuracy = m2_agreement(self.model, *self.diagnostic_val, make_generator(0, self.pool.device),
+                                                 self.kl_weight)
             if agreement >= q_accuracy:
                 self.full_from = step
         return self.full_from is not None and step >= self.full_from
@@ -703,9 +705,8 @@ class SemiSupervised(Algorithm):
         stats = evaluate(self.view, self.val, self.eval_batch_size, self.dtype)
         out = {f"val_{k}": v for k, v in stats.items()}
         if self.m2:  # on the first validation images and unlabeled images, the same every evaluation
-            n = min(M2_DIAGNOSTIC_IMAGES, len(self.val.labels))
             out.update({f"val_{k}": v for k, v in m2_diagnostics(
-                self.model, to_unit(self.val.images[:n]), self.val.labels[:n], to_unit(self.pool[:n]), self.alpha,
+                self.model, *self.diagnostic_val, self.diagnostic_pool, self.alpha,
                 make_generator(0, self.pool.device), self.kl_weight).items()})
         return out
 

@@ -212,11 +212,7 @@ def m2_schedule_words(warmup: int, gate_every: int, rows: list[dict]) -> str:
              "before U(x) steers the classifier; Kingma et al. train on the full objective from the first step.")
     if not gate_every:
         return words
-    phases = {}
-    for row in rows:
-        phases.setdefault(row["run"], row["phase"])
-        if row["phase"] != "labeled only":
-            phases[row["run"]] = row["phase"]
+    phases = {row["run"]: row["phase"] for row in rows}  # each run's last evaluation: its phase at the end
     opened = {run: phase for run, phase in phases.items() if phase != "labeled only"}
     words += (f" Then a gate (`m2_gate_every` = {gate_every}) checks every {gate_every} steps whether the decoder's "
               "best class agrees with these validation images' labels at least as often as q(y|x) is right, and "
